@@ -1,0 +1,1 @@
+"""simcolo: should this GPU fleet co-locate training with inference serving, and how?"""

@@ -1,0 +1,30 @@
+"""One inference request: what the trace says about it, and what happened to it in a run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """An inference request.
+
+    ``id``, ``arrival_s``, ``prompt_tokens`` and ``output_tokens`` come from the workload (seconds since
+    the workload's start; tokens as ints). The remaining fields are written by the serving model and
+    the live backend; ``None`` means "did not happen".
+    """
+
+    id: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    # --- outcome, filled by a backend ---
+    instance: int = -1            # index of the (decode) instance that finished it
+    prefill_instance: int = -1    # index of the prefill instance (disaggregated serving), else == instance
+    scheduled_s: float | None = None    # first admission into a batch
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    preemptions: int = 0
+    status: str = "pending"       # "finished" or the reason it did not finish
+    # --- progress bookkeeping used by the serving model ---
+    generated: int = 0            # output tokens produced so far
+    prefilled: int = 0            # prompt(+recomputed) tokens whose KV is in cache
