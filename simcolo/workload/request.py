@@ -27,4 +27,8 @@ class Request:
     status: str = "pending"       # "finished" or the reason it did not finish
     # --- progress bookkeeping used by the serving model ---
     generated: int = 0            # output tokens produced so far
-    prefilled: int = 0            # prompt(+recomputed) tokens whose KV is in cache
+    kv_len: int = 0               # tokens whose KV is in the cache (= prompt + generated - 1 once prefilled)
+    kv_blocks: int = 0            # paged-KV blocks held on the current instance
+    prefill_done: int = 0         # tokens of the current (chunked) prefill already processed
+    needs_prefill: bool = True    # False once its KV arrived by transfer (disaggregated decode side)
+    last_token_s: float = 0.0     # time its latest token was produced (for inter-token latency)

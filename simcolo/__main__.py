@@ -1,0 +1,3 @@
+from simcolo.cli import main
+
+main()

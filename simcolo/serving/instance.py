@@ -1,0 +1,439 @@
+"""An inference instance: iteration-level continuous batching over a paged KV cache.
+
+One instance is one model replica on ``tp`` GPUs. Each *iteration* (a SimPy event) runs either
+
+* a prefill batch (vLLM-style scheduling: waiting requests are admitted FCFS while they fit the
+  sequence limit, the token budget and the free KV blocks; running decodes pause), or
+* with ``chunked_prefill``: a mixed batch (Sarathi): every running decode first, then prefill chunks
+  of admitted requests up to the token budget, or
+* a decode step of every running request, giving each one new token.
+
+A decode step that lacks a KV block for some sequence preempts the most recently admitted running
+request (recomputation: its KV is dropped and it goes back to the front of the queue).
+
+Fast advance. Between events that change the batch (an arrival, a completion, a preemption), decode
+iterations are deterministic, so the instance advances them together: it computes every iteration's
+latency with one vectorised cost-model call and their end times with ``numpy.cumsum`` (the same
+left-to-right sum an iteration-by-iteration run performs), waits for the first completion or block
+shortage in one event, and cuts the run short at the next iteration boundary when a request
+arrives. Results equal the iteration-by-iteration mode bit for bit; a test compares the two.
+
+Roles: ``both`` (prefill and decode), ``prefill`` (disaggregated prefill: hands requests off after
+their first token) and ``decode`` (disaggregated decode: admits requests whose KV was transferred).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from simcolo.errors import ConfigError
+from simcolo.hardware.environment import At, SimEnvironment
+from simcolo.workload.request import Request
+
+_IDLE, _BUSY, _HORIZON = 0, 1, 2
+_TIMER, _NOTIFY = "timer", "notify"
+ROLES = ("both", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 8192
+    block_size: int = 16
+    chunked_prefill: bool = False
+    watermark: float = 0.01       # fraction of KV blocks kept free when admitting (vLLM default)
+    fast_advance: bool = True
+
+    def validate(self, max_context_len: int) -> None:
+        for key in ("max_num_seqs", "max_batched_tokens", "block_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"serving.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.watermark < 1:
+            raise ConfigError(f"serving.watermark must be in [0, 1), got {self.watermark}")
+        if not self.chunked_prefill and self.max_batched_tokens < max_context_len:
+            raise ConfigError(
+                f"serving.max_batched_tokens={self.max_batched_tokens} is smaller than the model's "
+                f"max_context_len={max_context_len}: without chunked prefill a long prompt could never "
+                f"be scheduled; raise it or set serving.chunked_prefill=true")
+
+
+class Instance:
+    def __init__(self, env: SimEnvironment, index: int, role: str, gpus: list[int], cost, cfg: BatchingConfig,
+                 num_blocks: int, on_done: Callable[[Request], None], itl,
+                 on_prefilled: Callable[[Request, "Instance"], None] | None = None):
+        if role not in ROLES:
+            raise ConfigError(f"instance role must be one of {ROLES}, got '{role}'")
+        self.env, self.index, self.role, self.gpus = env, index, role, gpus
+        self.cost, self.cfg = cost, cfg
+        self.bs = cfg.block_size
+        self.num_blocks = num_blocks
+        self.free_blocks = num_blocks
+        self.watermark_blocks = int(cfg.watermark * num_blocks)
+        self.on_done, self.itl, self.on_prefilled = on_done, itl, on_prefilled
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []   # admitted, prefill (chunks) still running
+        self.running: list[Request] = []      # decode phase, in admission order
+        self.kv_total = 0                     # sum of kv_len over ``running``
+        self.outstanding = 0                  # tokens of work left (prefill + decode) on this instance
+        self.in_transfer = 0                  # prefill role: requests whose KV is still being sent
+        self.busy_s = 0.0
+        self.iterations = 0
+        self.num_preemptions = 0
+        self._state = _IDLE
+        self._wake = None
+        self._cut = False
+        self._gen = 0
+        self._h_ends: np.ndarray | None = None
+        self._h_n = 0
+        self.process = env.process(self._loop())
+
+    # ------------------------------------------------------------------ intake
+    def _work(self, r: Request) -> int:
+        """Tokens of work ``r`` still needs from this instance (for least-outstanding routing)."""
+        prefill = (r.prompt_tokens + r.generated - r.prefill_done) if r.needs_prefill else 0
+        if self.role == "prefill":
+            return prefill + (1 if r.needs_prefill else 0)
+        return prefill + r.output_tokens - r.generated
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.bs)
+
+    def enqueue(self, r: Request) -> None:
+        """A request arrives (or its KV arrives, on a decode instance)."""
+        need = self.blocks_for(r.prompt_tokens + r.generated if r.needs_prefill else r.kv_len)
+        if need > self.num_blocks - self.watermark_blocks:
+            self._reject(r, "exceeds_kv_capacity")
+            return
+        self.waiting.append(r)
+        self.outstanding += self._work(r)
+        self._notify()
+
+    def release_transferred(self, r: Request) -> None:
+        """Prefill role: the request's KV has been copied to a decode instance; free its blocks."""
+        self.free_blocks += r.kv_blocks
+        r.kv_blocks = 0
+        self.in_transfer -= 1
+        self._notify()
+
+    def _notify(self) -> None:
+        state = self._state
+        if state == _IDLE:
+            if not self._wake.triggered:
+                self._wake.succeed()
+        elif state == _HORIZON and not self._cut and not self._wake.triggered:
+            self._wake.succeed(_NOTIFY)
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self):
+        env = self.env
+        fast = self.cfg.fast_advance
+        while True:
+            if fast and self.running and not self.prefilling and self._admission_blocked():
+                n = self._safe_decode_iterations()
+                if n > 0:
+                    yield from self._decode_horizon(n)
+                    continue
+            plan = self._plan_iteration()
+            if plan is None:
+                self._state = _IDLE
+                self._wake = env.event()
+                yield self._wake
+                continue
+            self._state = _BUSY
+            start = env.now
+            end = start + plan[0]
+            yield At(env, end)
+            self.busy_s += end - start
+            self.iterations += 1
+            self._complete_iteration(plan, end)
+
+    # ------------------------------------------------------------------ planning one iteration
+    def _admission_blocked(self) -> bool:
+        """True if the head of the queue cannot be admitted now (a pure check, changes nothing)."""
+        if not self.waiting:
+            return True
+        if len(self.running) + len(self.prefilling) >= self.cfg.max_num_seqs:
+            return True
+        r = self.waiting[0]
+        if r.needs_prefill:
+            target = r.prompt_tokens + r.generated
+            if self.cfg.chunked_prefill:
+                if self.cfg.max_batched_tokens - len(self.running) <= 0:
+                    return True
+            elif target > self.cfg.max_batched_tokens:
+                return True
+            need = self.blocks_for(target)
+        else:
+            need = self.blocks_for(r.kv_len)
+        return self.free_blocks - need < self.watermark_blocks
+
+    def _admit(self, budget: int) -> list[tuple[Request, int]]:
+        """Admit waiting requests FCFS; returns the (request, prefill chunk) pairs to run now."""
+        chunks: list[tuple[Request, int]] = []
+        seqs = len(self.running) + len(self.prefilling)
+        chunked = self.cfg.chunked_prefill
+        waiting = self.waiting
+        while waiting and seqs < self.cfg.max_num_seqs:
+            r = waiting[0]
+            if r.needs_prefill:
+                target = r.prompt_tokens + r.generated
+                chunk = min(target, budget) if chunked else target
+                if chunk <= 0 or chunk > budget:
+                    break
+                need = self.blocks_for(target)
+            else:
+                need = self.blocks_for(r.kv_len)
+            if self.free_blocks - need < self.watermark_blocks:
+                break
+            waiting.popleft()
+            self.free_blocks -= need
+            r.kv_blocks = need
+            seqs += 1
+            if r.scheduled_s is None:
+                r.scheduled_s = self.env.now
+            if r.needs_prefill:
+                r.prefill_done = 0
+                self.prefilling.append(r)
+                chunks.append((r, chunk))
+                budget -= chunk
+            else:
+                self.running.append(r)
+                self.kv_total += r.kv_len
+        return chunks
+
+    def _allocate_decode_slots(self) -> None:
+        """Give every running request room for one more token, preempting from the back if needed."""
+        running, bs = self.running, self.bs
+        i = 0
+        while i < len(running):
+            r = running[i]
+            if r.kv_len + 1 > r.kv_blocks * bs:
+                while self.free_blocks == 0:
+                    victim = running[-1]
+                    self._preempt(victim)
+                    if victim is r:
+                        break
+                else:
+                    self.free_blocks -= 1
+                    r.kv_blocks += 1
+                    i += 1
+                    continue
+                break  # r itself was preempted (it was last)
+            i += 1
+
+    def _preempt(self, r: Request) -> None:
+        self.running.remove(r)
+        self.kv_total -= r.kv_len
+        self.free_blocks += r.kv_blocks
+        self.outstanding -= self._work(r)
+        r.kv_blocks = 0
+        r.kv_len = 0
+        r.needs_prefill = True
+        r.prefill_done = 0
+        r.preemptions += 1
+        self.num_preemptions += 1
+        if self.blocks_for(r.prompt_tokens + r.generated) > self.num_blocks - self.watermark_blocks:
+            self._reject(r, "exceeds_kv_capacity")
+            return
+        self.waiting.appendleft(r)
+        self.outstanding += self._work(r)
+
+    def _plan_iteration(self):
+        """Decide the next iteration. Returns (latency_s, prefill chunks, decoding requests) or None."""
+        cfg = self.cfg
+        if cfg.chunked_prefill:
+            self._allocate_decode_slots()
+            decodes = list(self.running)
+            budget = cfg.max_batched_tokens - len(decodes)
+            chunks = []
+            for r in self.prefilling:
+                left = r.prompt_tokens + r.generated - r.prefill_done
+                chunk = min(left, budget)
+                if chunk <= 0:
+                    break
+                chunks.append((r, chunk))
+                budget -= chunk
+            if budget > 0:
+                chunks += self._admit(budget)
+            if not chunks and not decodes:
+                return None
+            tokens = sum(c for _, c in chunks)
+            latency = self.cost.mixed_s(tokens, len(chunks), len(decodes), self.kv_total)
+            return latency, chunks, decodes
+        chunks = self._admit(cfg.max_batched_tokens)
+        if chunks:
+            return self.cost.prefill_s(sum(c for _, c in chunks), len(chunks)), chunks, []
+        if self.role == "prefill":
+            return None
+        self._allocate_decode_slots()
+        if not self.running:
+            return None
+        return self.cost.decode_s(len(self.running), self.kv_total), [], list(self.running)
+
+    # ------------------------------------------------------------------ completing one iteration
+    def _complete_iteration(self, plan, end: float) -> None:
+        _, chunks, decodes = plan
+        itl = self.itl
+        if decodes:
+            finished = False
+            for r in decodes:
+                r.kv_len += 1
+                r.generated += 1
+                itl.add(end - r.last_token_s)
+                r.last_token_s = end
+                if r.generated == r.output_tokens:
+                    finished = True
+            n = len(decodes)
+            self.kv_total += n
+            self.outstanding -= n
+            if finished:
+                self._retire_finished(end)
+        for r, chunk in chunks:
+            r.prefill_done += chunk
+            self.outstanding -= chunk
+            if r.prefill_done == r.prompt_tokens + r.generated:
+                self._prefill_complete(r, end)
+
+    def _prefill_complete(self, r: Request, end: float) -> None:
+        self.prefilling.remove(r)
+        r.kv_len = r.prompt_tokens + r.generated
+        r.generated += 1
+        r.needs_prefill = False
+        r.prefill_done = 0
+        self.outstanding -= 1
+        if r.first_token_s is None:
+            r.first_token_s = end
+        else:
+            self.itl.add(end - r.last_token_s)
+        r.last_token_s = end
+        if r.generated == r.output_tokens:
+            self._finish(r, end)
+        elif self.role == "prefill":
+            self.in_transfer += 1
+            self.on_prefilled(r, self)
+        else:
+            self.running.append(r)
+            self.kv_total += r.kv_len
+
+    def _retire_finished(self, end: float) -> None:
+        keep = []
+        for r in self.running:
+            if r.generated == r.output_tokens:
+                self.kv_total -= r.kv_len
+                self._finish(r, end)
+            else:
+                keep.append(r)
+        self.running = keep
+
+    def _finish(self, r: Request, end: float) -> None:
+        self.free_blocks += r.kv_blocks
+        r.kv_blocks = 0
+        r.finish_s = end
+        r.status = "finished"
+        r.instance = self.index
+        self.on_done(r)
+
+    def _reject(self, r: Request, reason: str) -> None:
+        r.status = reason
+        r.instance = self.index
+        self.on_done(r)
+
+    # ------------------------------------------------------------------ fast advance
+    def _safe_decode_iterations(self) -> int:
+        """Decode iterations the running batch can take before the first completion or block shortage.
+
+        A request with ``kv_len`` K holding ceil(K/bs) blocks needs floor((k + (K-1) mod bs) / bs) new
+        blocks over the next k iterations; the batch runs short at the smallest k where the sum over
+        requests exceeds the free blocks, i.e. k* = q*bs + bs - r_(m) with q, m = divmod(free, B) and
+        r_(m) the (m+1)-th largest residue. Iterations 0..k*-2 need no preemption.
+        """
+        running, bs = self.running, self.bs
+        n_fin = min(r.output_tokens - r.generated for r in running)
+        residues = sorted(((r.kv_len - 1) % bs for r in running), reverse=True)
+        q, m = divmod(self.free_blocks, len(running))
+        n_safe = q * bs + bs - residues[m] - 1
+        return n_fin if n_fin <= n_safe else n_safe
+
+    def _decode_horizon(self, n: int):
+        env = self.env
+        running = self.running
+        B = len(running)
+        start = env.now
+        kv = self.kv_total + B * np.arange(n, dtype=np.int64)
+        buf = np.empty(n + 1)
+        buf[0] = start
+        buf[1:] = self.cost.decode_s_many(B, kv)
+        np.cumsum(buf, out=buf)
+        ends = buf[1:]
+        self._h_ends, self._h_n = ends, n
+        self._state, self._cut = _HORIZON, False
+        self._wake = wake = env.event()
+        self._arm_timer(float(ends[n - 1]))
+        while (yield wake) == _NOTIFY:
+            now = env.now
+            c = int(np.searchsorted(ends[:n], now, "left")) + 1
+            if c < n:
+                n = self._h_n = c
+            self._cut = True
+            if ends[n - 1] == now:
+                break
+            self._wake = wake = env.event()
+            self._arm_timer(float(ends[n - 1]))
+        self._state = _BUSY
+        self._advance_running(ends, n, start)
+
+    def _arm_timer(self, at: float) -> None:
+        self._gen += 1
+        timer = At(self.env, at, self._gen)
+        timer.callbacks.append(self._on_timer)
+
+    def _on_timer(self, timer) -> None:
+        if timer.value == self._gen and not self._wake.triggered:
+            self._wake.succeed(_TIMER)
+
+    def _advance_running(self, ends: np.ndarray, c: int, start: float) -> None:
+        """Apply ``c`` decode iterations ending at ``ends[:c]`` to every running request."""
+        end = float(ends[c - 1])
+        first = float(ends[0])
+        itl, bs = self.itl, self.bs
+        finished = False
+        for r in self.running:
+            itl.add(first - r.last_token_s)
+            r.last_token_s = end
+            r.generated += c
+            r.kv_len += c
+            blocks = -(-r.kv_len // bs)
+            self.free_blocks -= blocks - r.kv_blocks
+            r.kv_blocks = blocks
+            if r.generated == r.output_tokens:
+                finished = True
+        B = len(self.running)
+        if c > 1:
+            itl.add_many(np.diff(ends[:c]), B)
+        self.kv_total += B * c
+        self.outstanding -= B * c
+        self.busy_s += end - start
+        self.iterations += c
+        if finished:
+            self._retire_finished(end)
+
+    # ------------------------------------------------------------------ views (pure queries)
+    def _iterations_done(self, now: float) -> int:
+        if self._state != _HORIZON:
+            return 0
+        return int(np.searchsorted(self._h_ends[:self._h_n], now, "left"))
+
+    def outstanding_tokens(self, now: float) -> int:
+        """Tokens of work left on this instance at ``now`` (decode iterations in flight included)."""
+        return self.outstanding - len(self.running) * self._iterations_done(now)
+
+    def kv_blocks_used(self, now: float) -> int:
+        done = self._iterations_done(now)
+        used = self.num_blocks - self.free_blocks
+        if done:
+            bs = self.bs
+            used += sum((done + (r.kv_len - 1) % bs) // bs for r in self.running)
+        return used

@@ -1,0 +1,48 @@
+"""How much GPU memory a serving instance gives its paged KV cache (vLLM-style preallocation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simcolo.errors import ConfigError
+from simcolo.specs import GPUSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    weights_bytes: float        # per GPU
+    activations_bytes: float    # per GPU, reserved for the largest iteration
+    block_bytes: float          # per GPU, one block of ``block_size`` tokens
+    num_blocks: int
+
+
+def activation_reserve_bytes(model: ModelSpec, tp: int, max_batched_tokens: int, max_num_seqs: int) -> float:
+    """Peak activation memory of the largest iteration, per GPU.
+
+    Hidden states, q/k/v/o and the SwiGLU intermediate for every batched token, plus float32 logits
+    for every sequence (only the last token of each is projected). An estimate in the spirit of
+    vLLM's profiling run; documented so that a measured figure can replace it.
+    """
+    per_token = (4 * model.hidden_size + 2 * model.intermediate_size) * model.dtype_bytes / tp
+    logits = max_num_seqs * model.vocab_size * 4 / tp
+    return max_batched_tokens * per_token + logits
+
+
+def kv_budget(model: ModelSpec, gpu: GPUSpec, tp: int, block_size: int, gpu_memory_utilization: float,
+              max_batched_tokens: int, max_num_seqs: int) -> KVBudget:
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ConfigError(f"serving.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    weights = model.weight_bytes / tp
+    acts = activation_reserve_bytes(model, tp, max_batched_tokens, max_num_seqs)
+    block_bytes = block_size * model.kv_bytes_per_token / tp
+    usable = gpu.memory_bytes * gpu_memory_utilization
+    left = usable - weights - acts
+    num_blocks = int(left // block_bytes) if left > 0 else 0
+    need_blocks = -(-model.max_context_len // block_size)
+    if num_blocks < need_blocks:
+        raise ConfigError(
+            f"model '{model.name}' does not fit gpu '{gpu.name}' with serving.tp={tp}: "
+            f"{usable / 1e9:.1f} GB usable (gpu_memory_utilization={gpu_memory_utilization}) - "
+            f"{weights / 1e9:.1f} GB weights - {acts / 1e9:.1f} GB activations leaves "
+            f"{max(left, 0) / 1e9:.2f} GB = {num_blocks} KV blocks; expected at least {need_blocks} "
+            f"blocks for one {model.max_context_len}-token sequence (raise serving.tp or use a larger GPU)")
+    return KVBudget(weights, acts, block_bytes, num_blocks)

@@ -1,0 +1,157 @@
+"""One simulation run: build the parts from a config, run the SimPy model, write the outputs.
+
+This is the library entry point (tests and notebooks call ``simulate``); ``simcolo.cli`` wraps it
+in a Hydra app.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from simcolo.costs import CostModel
+from simcolo.errors import TableError
+from simcolo.hardware.cluster import Cluster
+from simcolo.hardware.environment import URGENT, At, SimEnvironment
+from simcolo.metrics.io import atomic_path, write_json
+from simcolo.metrics.itl import ITLHistogram
+from simcolo.metrics.records import RequestSink
+from simcolo.metrics.summary import serving_summary
+from simcolo.metrics.timeline import TimelineSampler
+from simcolo.paths import resolve_path
+from simcolo.policies import make_policy
+from simcolo.serving.instance import BatchingConfig
+from simcolo.serving.system import ServingLayout, ServingSystem
+from simcolo.specs import gpu_spec_from_mapping, model_spec_from_mapping
+from simcolo.workload import build_workload
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    sink: RequestSink
+    timeline: pd.DataFrame
+    out_dir: Path | None = None
+    plots: list[Path] = field(default_factory=list)
+
+    def requests(self) -> pd.DataFrame:
+        return self.sink.read().to_pandas()
+
+
+def load_costs(cfg, gpu: str, model: str, tp: int) -> CostModel:
+    """The cost tables of the run: ``costs.path`` if given, else the shipped table for gpu × model × tp."""
+    if cfg["path"]:
+        path = resolve_path(cfg["path"])
+    else:
+        root = resolve_path(cfg["tables_root"]) if cfg.get("tables_root") else None
+        path = CostModel.resolve(gpu, model, tp, **({"tables_root": root} if root else {}))
+    cost = CostModel.load(path)
+    meta = cost.metadata
+    for key, want in (("gpu", gpu), ("model", model), ("tp", tp)):
+        if meta.get(key) != want:
+            raise TableError(f"{path}/metadata.json: '{key}' is {meta.get(key)!r} but this run has "
+                             f"{key}={want!r}; use tables measured for this configuration")
+    return cost
+
+
+def batching_from_cfg(cfg) -> BatchingConfig:
+    return BatchingConfig(max_num_seqs=int(cfg["max_num_seqs"]), max_batched_tokens=int(cfg["max_batched_tokens"]),
+                          block_size=int(cfg["block_size"]), chunked_prefill=bool(cfg["chunked_prefill"]),
+                          watermark=float(cfg["watermark"]), fast_advance=bool(cfg["fast_advance"]))
+
+
+def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
+    """Run the simulation described by ``cfg`` (the composed Hydra config).
+
+    With ``out_dir`` it writes ``requests.parquet``, ``gpus.parquet``, ``summary.json`` and
+    ``plots/*.png`` there (each atomically; on error nothing that looks finished is left).
+    """
+    wall0 = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    model = model_spec_from_mapping(cfg["model"], "model")
+    gpu = gpu_spec_from_mapping(cfg["gpu"], "gpu")
+    layout = ServingLayout.from_cfg(cfg["serving"])
+    batching = batching_from_cfg(cfg["serving"])
+    cost = load_costs(cfg["costs"], gpu.name, model.name, layout.tp)
+    rng = np.random.default_rng(int(cfg["seed"]))
+    workload = build_workload(cfg["workload"], max_context_len=model.max_context_len, rng=rng)
+
+    env = SimEnvironment()
+    c = cfg["cluster"]
+    cluster = Cluster(env, gpu, int(c["num_nodes"]), int(c["gpus_per_node"]),
+                      float(c["network_bandwidth_bytes_per_s"]), float(c["network_latency_s"]),
+                      float(c["nvlink_latency_s"]))
+    sink = RequestSink(out_dir / "requests.parquet" if out_dir else None)
+    itl = ITLHistogram()
+    system = ServingSystem(env, cluster, model, cost, layout, batching, make_policy(cfg["policy"]), sink, itl)
+    state = {"arrivals_done": False}
+
+    def arrivals():
+        for r in workload:
+            yield At(env, r.arrival_s, priority=URGENT)
+            system.dispatch(r)
+        state["arrivals_done"] = True
+
+    def finished() -> bool:
+        return state["arrivals_done"] and system.done == system.arrived
+
+    env.process(arrivals())
+    sampler = TimelineSampler(env, system, float(cfg["metrics"]["timeline_interval_s"]), finished)
+    max_time = cfg["sim"]["max_time_s"]
+    try:
+        env.run(until=None if max_time is None else float(max_time))
+        if not finished():
+            for r in system.in_flight():
+                r.status = "unfinished_at_end"
+                sink(r)
+            if not state["arrivals_done"]:
+                for r in workload:  # the rest of the stream: arrived after the simulated end
+                    r.status = "not_arrived_before_end"
+                    sink(r)
+        sink.close()
+    except BaseException:
+        sink.abandon()
+        raise
+    sim_wall_s = time.perf_counter() - wall0
+
+    slo = cfg["slo"]
+    table = sink.read(["arrival_s", "finish_s", "ttft_s", "tpot_s", "e2el_s", "prompt_tokens",
+                       "output_tokens", "preemptions", "status"])
+    summary = serving_summary(table, itl, float(slo["ttft_s"]), float(slo["tpot_s"]))
+    summary.update(_cluster_summary(system, summary["duration_s"]))
+    summary.update({f"status_{k}": v for k, v in sorted(sink.status_counts.items())})
+    summary.update(workload.stats.as_dict())
+    summary.update({"cost_source": cost.metadata.get("source", "unknown"),
+                    "cost_off_grid_queries": int(sum(n for axes in cost.off_grid.values() for n in axes.values())),
+                    "policy": cfg["policy"]["name"], "model": model.name, "gpu": gpu.name,
+                    "seed": int(cfg["seed"]), "sim_wall_s": sim_wall_s})
+    timeline = sampler.frame()
+    result = RunResult(summary, sink, timeline, out_dir)
+    if out_dir is not None:
+        with atomic_path(out_dir / "gpus.parquet") as tmp:
+            timeline.to_parquet(tmp, index=False)
+        if cfg["metrics"]["plots"]:
+            from simcolo.metrics.plots import write_plots
+
+            result.plots = write_plots(result.requests(), timeline, out_dir / "plots",
+                                       f"({model.name}, {cfg['policy']['name']})")
+        write_json(out_dir / "summary.json", summary)  # last: its presence means the run completed
+    return result
+
+
+def _cluster_summary(system: ServingSystem, duration_s: float) -> dict[str, float]:
+    busy = [inst.busy_s for inst in system.instances]
+    mem = [g.memory.peak for g in system.cluster.gpus if g.memory.peak > 0]
+    return {
+        "num_instances": len(system.instances),
+        "num_gpus": len(system.cluster.gpus),
+        "kv_blocks_per_instance": system.kv_budget.num_blocks,
+        "gpu_busy_frac_mean": float(np.mean(busy)) / duration_s if busy else 0.0,
+        "gpu_busy_frac_max": float(np.max(busy)) / duration_s if busy else 0.0,
+        "iterations": int(sum(inst.iterations for inst in system.instances)),
+        "gpu_memory_reserved_frac": float(np.max(mem)) / system.cluster.spec.memory_bytes if mem else 0.0,
+    }
