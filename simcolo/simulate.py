@@ -5,6 +5,7 @@ in a Hydra app.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from simcolo.costs import CostModel
-from simcolo.errors import TableError
+from simcolo.costs import cost_model_for
 from simcolo.hardware.cluster import Cluster
 from simcolo.hardware.environment import URGENT, At, SimEnvironment
 from simcolo.metrics.io import atomic_path, write_json
@@ -22,7 +22,6 @@ from simcolo.metrics.itl import ITLHistogram
 from simcolo.metrics.records import RequestSink
 from simcolo.metrics.summary import serving_summary
 from simcolo.metrics.timeline import TimelineSampler
-from simcolo.paths import resolve_path
 from simcolo.policies import make_policy
 from simcolo.serving.instance import BatchingConfig
 from simcolo.serving.system import ServingLayout, ServingSystem
@@ -40,22 +39,6 @@ class RunResult:
 
     def requests(self) -> pd.DataFrame:
         return self.sink.read().to_pandas()
-
-
-def load_costs(cfg, gpu: str, model: str, tp: int) -> CostModel:
-    """The cost tables of the run: ``costs.path`` if given, else the shipped table for gpu × model × tp."""
-    if cfg["path"]:
-        path = resolve_path(cfg["path"])
-    else:
-        root = resolve_path(cfg["tables_root"]) if cfg.get("tables_root") else None
-        path = CostModel.resolve(gpu, model, tp, **({"tables_root": root} if root else {}))
-    cost = CostModel.load(path)
-    meta = cost.metadata
-    for key, want in (("gpu", gpu), ("model", model), ("tp", tp)):
-        if meta.get(key) != want:
-            raise TableError(f"{path}/metadata.json: '{key}' is {meta.get(key)!r} but this run has "
-                             f"{key}={want!r}; use tables measured for this configuration")
-    return cost
 
 
 def batching_from_cfg(cfg) -> BatchingConfig:
@@ -76,7 +59,7 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
     gpu = gpu_spec_from_mapping(cfg["gpu"], "gpu")
     layout = ServingLayout.from_cfg(cfg["serving"])
     batching = batching_from_cfg(cfg["serving"])
-    cost = load_costs(cfg["costs"], gpu.name, model.name, layout.tp)
+    cost = cost_model_for(gpu.name, model.name, layout.tp, cfg["costs"]["path"], cfg["costs"]["tables_root"])
     rng = np.random.default_rng(int(cfg["seed"]))
     workload = build_workload(cfg["workload"], max_context_len=model.max_context_len, rng=rng)
 
@@ -88,11 +71,13 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
     sink = RequestSink(out_dir / "requests.parquet" if out_dir else None)
     itl = ITLHistogram()
     system = ServingSystem(env, cluster, model, cost, layout, batching, make_policy(cfg["policy"]), sink, itl)
-    state = {"arrivals_done": False}
+    state = {"arrivals_done": False, "pending": None}
 
     def arrivals():
         for r in workload:
+            state["pending"] = r  # taken from the stream, not yet arrived
             yield At(env, r.arrival_s, priority=URGENT)
+            state["pending"] = None
             system.dispatch(r)
         state["arrivals_done"] = True
 
@@ -109,7 +94,8 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
                 r.status = "unfinished_at_end"
                 sink(r)
             if not state["arrivals_done"]:
-                for r in workload:  # the rest of the stream: arrived after the simulated end
+                later = [state["pending"]] if state["pending"] is not None else []
+                for r in itertools.chain(later, workload):  # the rest of the stream: after the end
                     r.status = "not_arrived_before_end"
                     sink(r)
         sink.close()

@@ -1,0 +1,10 @@
+"""Cost tables (schema, loading, validation), the interpolating CostModel and the roofline generator.
+
+See FORMAT.md in this directory for the on-disk format.
+"""
+from simcolo.costs.cost_model import CostModel, cost_model_for
+from simcolo.costs.interp import MIN_LATENCY_S, OffGridWarning
+from simcolo.costs.schema import SCHEMA_VERSION, table_dir_name
+
+__all__ = ["CostModel", "cost_model_for", "OffGridWarning", "MIN_LATENCY_S", "SCHEMA_VERSION",
+           "table_dir_name"]

@@ -34,7 +34,6 @@ from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.workload.request import Request
 
 _IDLE, _BUSY, _HORIZON = 0, 1, 2
-_TIMER, _NOTIFY = "timer", "notify"
 ROLES = ("both", "prefill", "decode")
 
 
@@ -123,8 +122,14 @@ class Instance:
         if state == _IDLE:
             if not self._wake.triggered:
                 self._wake.succeed()
-        elif state == _HORIZON and not self._cut and not self._wake.triggered:
-            self._wake.succeed(_NOTIFY)
+        elif state == _HORIZON and not self._cut:
+            # The batch changes at the next iteration boundary: cut the decode run there. Iterations
+            # ending before now are done; the one in progress (or ending exactly now) completes.
+            self._cut = True
+            c = int(self._h_ends.searchsorted(self.env.now)) + 1
+            if c < self._h_n:
+                self._h_n = c
+                self._arm_timer(float(self._h_ends[c - 1]))
 
     # ------------------------------------------------------------------ main loop
     def _loop(self):
@@ -362,28 +367,18 @@ class Instance:
         running = self.running
         B = len(running)
         start = env.now
-        kv = self.kv_total + B * np.arange(n, dtype=np.int64)
         buf = np.empty(n + 1)
         buf[0] = start
-        buf[1:] = self.cost.decode_s_many(B, kv)
-        np.cumsum(buf, out=buf)
+        self.cost.decode_run_s(B, self.kv_total, buf[1:])
+        np.cumsum(buf, out=buf)  # the same left-to-right sum as one iteration after another
         ends = buf[1:]
         self._h_ends, self._h_n = ends, n
         self._state, self._cut = _HORIZON, False
-        self._wake = wake = env.event()
+        self._wake = env.event()
         self._arm_timer(float(ends[n - 1]))
-        while (yield wake) == _NOTIFY:
-            now = env.now
-            c = int(np.searchsorted(ends[:n], now, "left")) + 1
-            if c < n:
-                n = self._h_n = c
-            self._cut = True
-            if ends[n - 1] == now:
-                break
-            self._wake = wake = env.event()
-            self._arm_timer(float(ends[n - 1]))
+        yield self._wake   # fired by the timer of the (possibly cut) last iteration
         self._state = _BUSY
-        self._advance_running(ends, n, start)
+        self._advance_running(ends, self._h_n, start)
 
     def _arm_timer(self, at: float) -> None:
         self._gen += 1
@@ -391,8 +386,8 @@ class Instance:
         timer.callbacks.append(self._on_timer)
 
     def _on_timer(self, timer) -> None:
-        if timer.value == self._gen and not self._wake.triggered:
-            self._wake.succeed(_TIMER)
+        if timer.value == self._gen:  # else superseded by a cut
+            self._wake.succeed()
 
     def _advance_running(self, ends: np.ndarray, c: int, start: float) -> None:
         """Apply ``c`` decode iterations ending at ``ends[:c]`` to every running request."""
@@ -412,11 +407,13 @@ class Instance:
                 finished = True
         B = len(self.running)
         if c > 1:
-            itl.add_many(np.diff(ends[:c]), B)
+            itl.add_many(ends[1:c] - ends[:c - 1], B)
         self.kv_total += B * c
         self.outstanding -= B * c
         self.busy_s += end - start
         self.iterations += c
+        if self.free_blocks < 0:  # cannot happen if _safe_decode_iterations is right; never hide it
+            raise RuntimeError(f"instance {self.index}: KV blocks over capacity ({self.free_blocks} free)")
         if finished:
             self._retire_finished(end)
 
@@ -424,7 +421,8 @@ class Instance:
     def _iterations_done(self, now: float) -> int:
         if self._state != _HORIZON:
             return 0
-        return int(np.searchsorted(self._h_ends[:self._h_n], now, "left"))
+        done = int(self._h_ends.searchsorted(now))
+        return done if done < self._h_n else self._h_n
 
     def outstanding_tokens(self, now: float) -> int:
         """Tokens of work left on this instance at ``now`` (decode iterations in flight included)."""

@@ -28,7 +28,9 @@ def activation_reserve_bytes(model: ModelSpec, tp: int, max_batched_tokens: int,
 
 
 def kv_budget(model: ModelSpec, gpu: GPUSpec, tp: int, block_size: int, gpu_memory_utilization: float,
-              max_batched_tokens: int, max_num_seqs: int) -> KVBudget:
+              max_batched_tokens: int, max_num_seqs: int, num_blocks_override: int | None = None) -> KVBudget:
+    """KV blocks per instance: what fits after weights and activations, or exactly
+    ``num_blocks_override`` (vLLM's ``num_gpu_blocks_override``) if that fits."""
     if not 0 < gpu_memory_utilization <= 1:
         raise ConfigError(f"serving.gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     weights = model.weight_bytes / tp
@@ -37,6 +39,12 @@ def kv_budget(model: ModelSpec, gpu: GPUSpec, tp: int, block_size: int, gpu_memo
     usable = gpu.memory_bytes * gpu_memory_utilization
     left = usable - weights - acts
     num_blocks = int(left // block_bytes) if left > 0 else 0
+    if num_blocks_override is not None:
+        if not 1 <= num_blocks_override <= num_blocks:
+            raise ConfigError(f"serving.num_gpu_blocks_override={num_blocks_override} is not in [1, {num_blocks}]: "
+                              f"that many KV blocks of model '{model.name}' fit on gpu '{gpu.name}' with "
+                              f"serving.tp={tp} and gpu_memory_utilization={gpu_memory_utilization}")
+        return KVBudget(weights, acts, block_bytes, num_blocks_override)
     need_blocks = -(-model.max_context_len // block_size)
     if num_blocks < need_blocks:
         raise ConfigError(

@@ -25,6 +25,7 @@ class ServingLayout:
     prefill_instances: int         # disaggregated
     decode_instances: int
     gpu_memory_utilization: float
+    num_gpu_blocks_override: int | None
 
     @classmethod
     def from_cfg(cls, cfg) -> "ServingLayout":
@@ -35,7 +36,8 @@ class ServingLayout:
             raise ConfigError(f"serving.tp must be >= 1, got {cfg['tp']}")
         n = cfg["num_instances"]
         return cls(mode, int(cfg["tp"]), None if n is None else int(n), int(cfg["prefill_instances"]),
-                   int(cfg["decode_instances"]), float(cfg["gpu_memory_utilization"]))
+                   int(cfg["decode_instances"]), float(cfg["gpu_memory_utilization"]),
+                   None if cfg["num_gpu_blocks_override"] is None else int(cfg["num_gpu_blocks_override"]))
 
 
 class ServingSystem:
@@ -48,7 +50,7 @@ class ServingSystem:
         self.in_transfer: dict[int, Request] = {}
         batching.validate(model.max_context_len)
         budget = kv_budget(model, cluster.spec, layout.tp, batching.block_size, layout.gpu_memory_utilization,
-                           batching.max_batched_tokens, batching.max_num_seqs)
+                           batching.max_batched_tokens, batching.max_num_seqs, layout.num_gpu_blocks_override)
         self.kv_budget = budget
         tp = layout.tp
         if layout.mode == "colocated":

@@ -1,0 +1,59 @@
+"""Benchmark scenarios: ``python -m simcolo.bench [scenario ...]``.
+
+Each scenario runs in its own process (so its peak memory is its own) and prints one line ending in
+``scenario=<name> requests_per_wall_s=<number> peak_rss_mib=<number>``. The wall time covers
+``simulate`` (workload streaming, the SimPy model, writing requests.parquet and the summary),
+not interpreter start-up or plots.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SCENARIOS: dict[str, tuple[str, list[str]]] = {
+    "serving": ("Azure conv trace (19,366 requests, ~1 h) on 4 Llama-3-8B/H100 replicas",
+                []),
+    "serving_1m": ("1,000,000 Poisson requests at 20 req/s, conv-trace lengths, 4 Llama-3-8B/H100 replicas",
+                   ["workload=poisson", "workload.rate_rps=20", "workload.num_requests=1000000",
+                    "metrics.timeline_interval_s=60"]),
+}
+
+
+def run_one(name: str) -> None:
+    from simcolo.configs import load_config
+    from simcolo.simulate import simulate
+
+    description, overrides = SCENARIOS[name]
+    cfg = load_config(overrides + ["metrics.plots=false"])
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        result = simulate(cfg, out)
+        wall = time.perf_counter() - t0
+    n = result.summary["num_requests"]
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"# {description}: {n} requests in {wall:.3f} s wall, "
+          f"slo_attainment={result.summary['slo_attainment']:.4f}, iterations={result.summary['iterations']}")
+    print(f"scenario={name} requests_per_wall_s={n / wall:.0f} peak_rss_mib={rss_mib:.0f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenarios", nargs="*", choices=[[], *SCENARIOS], default=[],
+                        help=f"which to run (default: all of {', '.join(SCENARIOS)})")
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = args.scenarios or list(SCENARIOS)
+    if args.in_process:
+        for name in names:
+            run_one(name)
+        return
+    for name in names:
+        subprocess.run([sys.executable, "-m", "simcolo.bench", "--in-process", name], check=True)
+
+
+if __name__ == "__main__":
+    main()
