@@ -5,7 +5,6 @@ in a Hydra app.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +15,14 @@ import pandas as pd
 
 from simcolo.costs import cost_model_for
 from simcolo.hardware.cluster import Cluster
-from simcolo.hardware.environment import URGENT, At, SimEnvironment
+from simcolo.hardware.environment import SimEnvironment
 from simcolo.metrics.io import atomic_path, write_json
 from simcolo.metrics.itl import ITLHistogram
 from simcolo.metrics.records import RequestSink
 from simcolo.metrics.summary import serving_summary
 from simcolo.metrics.timeline import TimelineSampler
 from simcolo.policies import make_policy
+from simcolo.serving.arrivals import ArrivalFeed
 from simcolo.serving.instance import BatchingConfig
 from simcolo.serving.system import ServingLayout, ServingSystem
 from simcolo.specs import gpu_spec_from_mapping, model_spec_from_mapping
@@ -71,20 +71,11 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
     sink = RequestSink(out_dir / "requests.parquet" if out_dir else None)
     itl = ITLHistogram()
     system = ServingSystem(env, cluster, model, cost, layout, batching, make_policy(cfg["policy"]), sink, itl)
-    state = {"arrivals_done": False, "pending": None}
-
-    def arrivals():
-        for r in workload:
-            state["pending"] = r  # taken from the stream, not yet arrived
-            yield At(env, r.arrival_s, priority=URGENT)
-            state["pending"] = None
-            system.dispatch(r)
-        state["arrivals_done"] = True
+    arrivals = ArrivalFeed(env, workload, system.dispatch)
 
     def finished() -> bool:
-        return state["arrivals_done"] and system.done == system.arrived
+        return arrivals.done and system.done == system.arrived
 
-    env.process(arrivals())
     sampler = TimelineSampler(env, system, float(cfg["metrics"]["timeline_interval_s"]), finished)
     max_time = cfg["sim"]["max_time_s"]
     try:
@@ -93,11 +84,9 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
             for r in system.in_flight():
                 r.status = "unfinished_at_end"
                 sink(r)
-            if not state["arrivals_done"]:
-                later = [state["pending"]] if state["pending"] is not None else []
-                for r in itertools.chain(later, workload):  # the rest of the stream: after the end
-                    r.status = "not_arrived_before_end"
-                    sink(r)
+            for r in arrivals.remaining():  # the rest of the stream: it arrives after the end
+                r.status = "not_arrived_before_end"
+                sink(r)
         sink.close()
     except BaseException:
         sink.abandon()

@@ -43,10 +43,7 @@ class CostModel:
         self._d_b: list[float] = decode.rows.tolist()       # batch_size
         self._d_z = decode.values
         self._kv = decode.cols                              # kv_tokens_per_seq
-        self._kv_list: list[float] = self._kv.tolist()
-        self._kv_tail = np.ascontiguousarray(self._kv[1:])  # search over xs[1:]: see KvRow
-        self._kv_tail_list: list[float] = self._kv_list[1:]
-        self._kv_lo, self._kv_hi = self._kv_list[0], self._kv_list[-1]
+        self._kv_lo, self._kv_hi = float(self._kv[0]), float(self._kv[-1])
         self._rows: dict[float, KvRow] = {}
         self._steps = np.arange(1024, dtype=np.float64)   # 0, 1, 2, ... for decode_run_s
 
@@ -113,13 +110,13 @@ class CostModel:
         row = self._rows.get(batch_size)
         if row is None:
             row = self._decode_row(batch_size)
-        kv = np.divide(kv_tokens_total, batch_size, dtype=np.float64)
-        idx = self._kv_tail.searchsorted(kv, "right")
-        out = kv - self._kv.take(idx)
-        out *= row.slope.take(idx)
+        total = np.asarray(kv_tokens_total, dtype=np.float64)
+        idx = row.a_tail.searchsorted(total, "right")
+        out = total - row.a.take(idx)
+        out *= row.s.take(idx)
         out += row.z0.take(idx)
-        if row.batch_off_grid or (kv.size and (kv.min() < self._kv_lo or kv.max() > self._kv_hi)):
-            self._decode_many_off_grid(batch_size, row, kv, out)
+        if row.batch_off_grid or (total.size and (total.min() < row.lo or total.max() > row.hi)):
+            self._decode_many_off_grid(batch_size, row, total, out)
         return out
 
     def decode_run_s(self, batch_size: int, kv_total_start: int, out: np.ndarray) -> np.ndarray:
@@ -127,26 +124,24 @@ class CostModel:
 
         Iteration k holds ``kv_total_start + k * batch_size`` KV tokens (every sequence gains one per
         iteration). Element k is bitwise equal to ``decode_s(batch_size, kv_total_start + k * batch_size)``:
-        the integers are exact in float64, and the interpolation runs the same operations as
-        :meth:`decode_s`. The simulator's fast advance calls this once per batch change, so the common
-        case (the whole run inside one KV cell of the grid) is four in-place numpy operations.
+        ``k * B + (T0 - a)`` is the same exact integer as ``(T0 + k * B) - a``, and the rest runs the same
+        operations. The simulator's fast advance calls this once per batch change, so the common case
+        (the whole run inside one cell of the grid) is three in-place numpy operations.
         """
         n = len(out)
         if n > len(self._steps):
             self._steps = np.arange(max(n, 2 * len(self._steps)), dtype=np.float64)
-        x = np.multiply(self._steps[:n], float(batch_size), out=out)
-        x += kv_total_start
-        x /= batch_size
         row = self._rows.get(batch_size)
         if row is None:
             row = self._decode_row(batch_size)
-        lo, hi = float(x[0]), float(x[-1])
-        i = bisect_right(self._kv_tail_list, lo)
-        if (not row.batch_off_grid and lo >= self._kv_lo and hi <= self._kv_hi
-                and i == bisect_right(self._kv_tail_list, hi)):
-            x -= self._kv_list[i]
-            x *= row.slope_list[i]
-            x += row.z0_list[i]
+        last = kv_total_start + (n - 1) * batch_size
+        i = bisect_right(row.a_tail_list, kv_total_start)
+        if (not row.batch_off_grid and kv_total_start >= row.lo and last <= row.hi
+                and i == bisect_right(row.a_tail_list, last)):
+            np.multiply(self._steps[:n], float(batch_size), out=out)
+            out += kv_total_start - row.a_list[i]
+            out *= row.s_list[i]
+            out += row.z0_list[i]
             return out
         out[:] = self.decode_s_many(batch_size, self._steps[:n] * float(batch_size) + kv_total_start)
         return out
@@ -157,14 +152,14 @@ class CostModel:
         row = self._rows.get(batch_size)
         if row is None:
             row = self._decode_row(batch_size)
-        kv = kv_tokens_total / batch_size
-        i = bisect_right(self._kv_tail_list, kv)
-        value = (kv - self._kv_list[i]) * row.slope_list[i] + row.z0_list[i]
-        if row.batch_off_grid or kv < self._kv_lo or kv > self._kv_hi:
+        total = float(kv_tokens_total)
+        i = bisect_right(row.a_tail_list, total)
+        value = (total - row.a_list[i]) * row.s_list[i] + row.z0_list[i]
+        if row.batch_off_grid or total < row.lo or total > row.hi:
             if row.batch_off_grid:
                 self._off.note("decode", "batch_size", batch_size, self._d_b[0], self._d_b[-1])
-            if kv < self._kv_lo or kv > self._kv_hi:
-                self._off.note("decode", "kv_tokens_per_seq", kv, self._kv_lo, self._kv_hi)
+            if total < row.lo or total > row.hi:
+                self._off.note("decode", "kv_tokens_per_seq", total / batch_size, self._kv_lo, self._kv_hi)
             if value < MIN_LATENCY_S:
                 value = MIN_LATENCY_S
         return float(value)
@@ -211,21 +206,21 @@ class CostModel:
         off = batch_size < bs[0] or batch_size > bs[-1]
         if off:
             z = np.maximum(z, MIN_LATENCY_S)
-        row = self._rows[batch_size] = KvRow(self._kv, z, off)
+        row = self._rows[batch_size] = KvRow(self._kv, z, batch_size, off)
         return row
 
-    def _decode_many_off_grid(self, batch_size, row: KvRow, kv: np.ndarray, out: np.ndarray) -> None:
+    def _decode_many_off_grid(self, batch_size, row: KvRow, total: np.ndarray, out: np.ndarray) -> None:
         """Slow path of :meth:`decode_s_many`: count, warn, floor (elementwise, in place)."""
         if row.batch_off_grid:
-            self._off.note("decode", "batch_size", batch_size, self._d_b[0], self._d_b[-1], n=kv.size,
+            self._off.note("decode", "batch_size", batch_size, self._d_b[0], self._d_b[-1], n=total.size,
                            stacklevel=4)
-        below, above = kv < self._kv_lo, kv > self._kv_hi
+        below, above = total < row.lo, total > row.hi
         if n := int(np.count_nonzero(below)):
-            self._off.note("decode", "kv_tokens_per_seq", float(kv.min()), self._kv_lo, self._kv_hi, n=n,
-                           stacklevel=4)
+            self._off.note("decode", "kv_tokens_per_seq", float(total.min()) / batch_size, self._kv_lo,
+                           self._kv_hi, n=n, stacklevel=4)
         if n := int(np.count_nonzero(above)):
-            self._off.note("decode", "kv_tokens_per_seq", float(kv.max()), self._kv_lo, self._kv_hi, n=n,
-                           stacklevel=4)
+            self._off.note("decode", "kv_tokens_per_seq", float(total.max()) / batch_size, self._kv_lo,
+                           self._kv_hi, n=n, stacklevel=4)
         # floor exactly the elements decode_s would floor, so both stay bitwise equal
         mask = True if row.batch_off_grid else (below | above)
         np.maximum(out, MIN_LATENCY_S, out=out, where=mask)

@@ -69,20 +69,29 @@ class OffGrid:
 
 
 class KvRow:
-    """Decode latency as a function of KV tokens per sequence, for one fixed batch size.
+    """Decode latency for one fixed batch size B, as a function of the batch's *total* KV tokens T.
 
-    Stored per cell as ``(x0, z0, slope)`` with a virtual cell past the last grid point that continues
-    the last real cell's slope; with the search done over ``xs[1:]`` the cell index is directly the
-    result of ``searchsorted`` -- no clipping -- and every grid point, the last included, is hit at
-    ``x == x0`` so it returns the stored value exactly. ``value = (x - x0[i]) * slope[i] + z0[i]``.
+    Stored per cell as ``(a, z0, s)``: ``a = B * x0`` is the cell's left grid point in total tokens
+    (exact: both are integers), ``s = slope / B`` the slope per total token. With a virtual cell past the
+    last grid point that continues the last real cell's slope, and the search done over ``a[1:]``, the
+    cell index is directly the result of ``searchsorted`` -- no clipping -- and every grid point, the
+    last included, is hit at ``T == a`` so it returns the stored value exactly.
+    ``value = (T - a[i]) * s[i] + z0[i]``: T - a[i] is exact integer arithmetic in float64, so the
+    scalar, vectorised and arithmetic-run lookups agree bit for bit.
     """
 
-    __slots__ = ("z0", "slope", "z0_list", "slope_list", "batch_off_grid")
+    __slots__ = ("a", "a_tail", "z0", "s", "a_list", "a_tail_list", "z0_list", "s_list", "batch_off_grid",
+                 "lo", "hi")
 
-    def __init__(self, xs: np.ndarray, z: np.ndarray, batch_off_grid: bool):
+    def __init__(self, xs: np.ndarray, z: np.ndarray, batch_size: int, batch_off_grid: bool):
         slope = np.diff(z) / np.diff(xs)
+        self.a = np.asarray(xs, dtype=np.float64) * batch_size
+        self.a_tail = np.ascontiguousarray(self.a[1:])
         self.z0 = np.ascontiguousarray(z, dtype=np.float64)
-        self.slope = np.append(slope, slope[-1])
+        self.s = np.append(slope, slope[-1]) / batch_size
+        self.a_list: list[float] = self.a.tolist()
+        self.a_tail_list: list[float] = self.a_list[1:]
         self.z0_list: list[float] = self.z0.tolist()
-        self.slope_list: list[float] = self.slope.tolist()
+        self.s_list: list[float] = self.s.tolist()
+        self.lo, self.hi = self.a_list[0], self.a_list[-1]
         self.batch_off_grid = batch_off_grid

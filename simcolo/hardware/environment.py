@@ -33,7 +33,11 @@ class At(Event):
     __slots__ = ()
 
     def __init__(self, env: SimEnvironment, at: float, value=None, priority: int = NORMAL):
-        super().__init__(env)
+        # Event.__init__ inlined: the serving model creates one of these per batch change.
+        self.env = env
+        self.callbacks = []
         self._ok = True
         self._value = value
-        env.schedule_at(self, at, priority)
+        if at < env._now:
+            raise ValueError(f"cannot schedule an event in the past: at={at!r} < now={env._now!r}")
+        heappush(env._queue, (at, priority, next(env._eid), self))

@@ -27,6 +27,12 @@ class ITLHistogram:
         if self._pending >= self._flush_every:
             self.flush()
 
+    def extend(self, gaps_s: list[float]) -> None:
+        self._scalars += gaps_s
+        self._pending += len(gaps_s)
+        if self._pending >= self._flush_every:
+            self.flush()
+
     def add_many(self, gaps_s: np.ndarray, weight: int) -> None:
         """Each gap in ``gaps_s`` happened ``weight`` times (once per sequence in the batch)."""
         self._arrays.append((gaps_s, weight))
@@ -52,7 +58,8 @@ class ITLHistogram:
             self._scalars = []
         if self._arrays:
             gaps = np.concatenate([a for a, _ in self._arrays])
-            weights = np.concatenate([np.full(len(a), w, dtype=np.float64) for a, w in self._arrays])
+            weights = np.repeat(np.array([w for _, w in self._arrays], dtype=np.float64),
+                                [len(a) for a, _ in self._arrays])
             self._bin(gaps, weights)
             self._arrays = []
         self._pending = 0

@@ -33,7 +33,7 @@ from simcolo.errors import ConfigError
 from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.workload.request import Request
 
-_IDLE, _BUSY, _HORIZON = 0, 1, 2
+_IDLE, _WAKING, _BUSY, _HORIZON = 0, 1, 2, 3
 ROLES = ("both", "prefill", "decode")
 
 
@@ -81,13 +81,14 @@ class Instance:
         self.busy_s = 0.0
         self.iterations = 0
         self.num_preemptions = 0
+        self._fast = cfg.fast_advance
         self._state = _IDLE
-        self._wake = None
-        self._cut = False
-        self._gen = 0
+        self._started = 0.0      # start of the iteration (or decode run) in flight
+        self._plan = None        # the single iteration in flight
+        self._cut = False        # the decode run in flight was already cut at its next boundary
+        self._gen = 0            # generation of the live decode-run timer; older ones are stale
         self._h_ends: np.ndarray | None = None
         self._h_n = 0
-        self.process = env.process(self._loop())
 
     # ------------------------------------------------------------------ intake
     def _work(self, r: Request) -> int:
@@ -120,8 +121,8 @@ class Instance:
     def _notify(self) -> None:
         state = self._state
         if state == _IDLE:
-            if not self._wake.triggered:
-                self._wake.succeed()
+            self._state = _WAKING
+            At(self.env, self.env.now).callbacks.append(self._boundary)
         elif state == _HORIZON and not self._cut:
             # The batch changes at the next iteration boundary: cut the decode run there. Iterations
             # ending before now are done; the one in progress (or ending exactly now) completes.
@@ -129,31 +130,34 @@ class Instance:
             c = int(self._h_ends.searchsorted(self.env.now)) + 1
             if c < self._h_n:
                 self._h_n = c
-                self._arm_timer(float(self._h_ends[c - 1]))
+                self._arm_timer(self._h_ends.item(c - 1))
 
-    # ------------------------------------------------------------------ main loop
-    def _loop(self):
-        env = self.env
-        fast = self.cfg.fast_advance
-        while True:
-            if fast and self.running and not self.prefilling and self._admission_blocked():
-                n = self._safe_decode_iterations()
-                if n > 0:
-                    yield from self._decode_horizon(n)
-                    continue
-            plan = self._plan_iteration()
-            if plan is None:
-                self._state = _IDLE
-                self._wake = env.event()
-                yield self._wake
-                continue
-            self._state = _BUSY
-            start = env.now
-            end = start + plan[0]
-            yield At(env, end)
-            self.busy_s += end - start
+    # ------------------------------------------------------------------ the iteration loop
+    # Each iteration boundary is one timer event whose callback completes what ran and starts what
+    # runs next. (A generator process would cost a resume plus a wake-up event per boundary, and
+    # this is the simulator's hot path.)
+    def _boundary(self, _event=None) -> None:
+        now = self.env.now
+        state = self._state
+        if state == _BUSY:
+            self.busy_s += now - self._started
             self.iterations += 1
-            self._complete_iteration(plan, end)
+            self._complete_iteration(self._plan, now)
+        elif state == _HORIZON:
+            self._advance_running(self._h_ends, self._h_n, self._started)
+        self._started = now
+        if self._fast and self.running and not self.prefilling and self._admission_blocked():
+            n = self._safe_decode_iterations()
+            if n > 0:
+                self._start_horizon(n, now)
+                return
+        plan = self._plan_iteration()
+        if plan is None:
+            self._state = _IDLE
+            return
+        self._state = _BUSY
+        self._plan = plan
+        At(self.env, now + plan[0]).callbacks.append(self._boundary)
 
     # ------------------------------------------------------------------ planning one iteration
     def _admission_blocked(self) -> bool:
@@ -356,58 +360,55 @@ class Instance:
         r_(m) the (m+1)-th largest residue. Iterations 0..k*-2 need no preemption.
         """
         running, bs = self.running, self.bs
-        n_fin = min(r.output_tokens - r.generated for r in running)
-        residues = sorted(((r.kv_len - 1) % bs for r in running), reverse=True)
+        n_fin = min([r.output_tokens - r.generated for r in running])
         q, m = divmod(self.free_blocks, len(running))
+        if q * bs >= n_fin:  # k* > q*bs: enough free blocks whatever the residues
+            return n_fin
+        residues = sorted([(r.kv_len - 1) % bs for r in running], reverse=True)
         n_safe = q * bs + bs - residues[m] - 1
         return n_fin if n_fin <= n_safe else n_safe
 
-    def _decode_horizon(self, n: int):
-        env = self.env
-        running = self.running
-        B = len(running)
-        start = env.now
+    def _start_horizon(self, n: int, start: float) -> None:
+        """Run ``n`` decode iterations of the current batch as one event (cut short by ``_notify``)."""
         buf = np.empty(n + 1)
         buf[0] = start
-        self.cost.decode_run_s(B, self.kv_total, buf[1:])
-        np.cumsum(buf, out=buf)  # the same left-to-right sum as one iteration after another
-        ends = buf[1:]
-        self._h_ends, self._h_n = ends, n
+        self.cost.decode_run_s(len(self.running), self.kv_total, buf[1:])
+        buf.cumsum(out=buf)  # the same left-to-right sum as one iteration after another
+        self._h_ends, self._h_n = buf[1:], n
         self._state, self._cut = _HORIZON, False
-        self._wake = env.event()
-        self._arm_timer(float(ends[n - 1]))
-        yield self._wake   # fired by the timer of the (possibly cut) last iteration
-        self._state = _BUSY
-        self._advance_running(ends, self._h_n, start)
+        self._arm_timer(buf.item(n))
 
     def _arm_timer(self, at: float) -> None:
         self._gen += 1
-        timer = At(self.env, at, self._gen)
-        timer.callbacks.append(self._on_timer)
+        At(self.env, at, self._gen).callbacks.append(self._on_timer)
 
     def _on_timer(self, timer) -> None:
         if timer.value == self._gen:  # else superseded by a cut
-            self._wake.succeed()
+            self._boundary()
 
     def _advance_running(self, ends: np.ndarray, c: int, start: float) -> None:
         """Apply ``c`` decode iterations ending at ``ends[:c]`` to every running request."""
-        end = float(ends[c - 1])
-        first = float(ends[0])
-        itl, bs = self.itl, self.bs
-        finished = False
-        for r in self.running:
-            itl.add(first - r.last_token_s)
-            r.last_token_s = end
-            r.generated += c
-            r.kv_len += c
-            blocks = -(-r.kv_len // bs)
-            self.free_blocks -= blocks - r.kv_blocks
-            r.kv_blocks = blocks
-            if r.generated == r.output_tokens:
-                finished = True
-        B = len(self.running)
+        running = self.running
+        end = ends.item(c - 1)
+        first = ends.item(0)
+        itl = self.itl
+        itl.extend([first - r.last_token_s for r in running])
         if c > 1:
-            itl.add_many(ends[1:c] - ends[:c - 1], B)
+            itl.add_many(ends[1:c] - ends[:c - 1], len(running))
+        bs = self.bs
+        grown = 0
+        finished = False
+        for r in running:
+            r.last_token_s = end
+            g = r.generated = r.generated + c
+            kv = r.kv_len = r.kv_len + c
+            blocks = -(-kv // bs)
+            grown += blocks - r.kv_blocks
+            r.kv_blocks = blocks
+            if g == r.output_tokens:
+                finished = True
+        self.free_blocks -= grown
+        B = len(running)
         self.kv_total += B * c
         self.outstanding -= B * c
         self.busy_s += end - start
@@ -426,7 +427,10 @@ class Instance:
 
     def outstanding_tokens(self, now: float) -> int:
         """Tokens of work left on this instance at ``now`` (decode iterations in flight included)."""
-        return self.outstanding - len(self.running) * self._iterations_done(now)
+        if self._state != _HORIZON:
+            return self.outstanding
+        done = int(self._h_ends.searchsorted(now))
+        return self.outstanding - len(self.running) * (done if done < self._h_n else self._h_n)
 
     def kv_blocks_used(self, now: float) -> int:
         done = self._iterations_done(now)
