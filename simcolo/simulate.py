@@ -34,6 +34,7 @@ class RunResult:
     summary: dict[str, Any]
     sink: RequestSink
     timeline: pd.DataFrame
+    system: ServingSystem
     out_dir: Path | None = None
     plots: list[Path] = field(default_factory=list)
 
@@ -59,6 +60,7 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
     gpu = gpu_spec_from_mapping(cfg["gpu"], "gpu")
     layout = ServingLayout.from_cfg(cfg["serving"])
     batching = batching_from_cfg(cfg["serving"])
+    layout.kv_budget(model, gpu, batching)  # fail early, before anything else, if the model cannot fit
     cost = cost_model_for(gpu.name, model.name, layout.tp, cfg["costs"]["path"], cfg["costs"]["tables_root"])
     rng = np.random.default_rng(int(cfg["seed"]))
     workload = build_workload(cfg["workload"], max_context_len=model.max_context_len, rng=rng)
@@ -105,7 +107,7 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
                     "policy": cfg["policy"]["name"], "model": model.name, "gpu": gpu.name,
                     "seed": int(cfg["seed"]), "sim_wall_s": sim_wall_s})
     timeline = sampler.frame()
-    result = RunResult(summary, sink, timeline, out_dir)
+    result = RunResult(summary, sink, timeline, system, out_dir)
     if out_dir is not None:
         with atomic_path(out_dir / "gpus.parquet") as tmp:
             timeline.to_parquet(tmp, index=False)

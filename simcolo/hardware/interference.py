@@ -34,4 +34,4 @@ class UniformSlowdown:
 
     def rates(self, kinds: Sequence[str]) -> list[float]:
         n = len(kinds)
-        return [1.0 / (1.0 + self.factor * (n - 1))] * n
+        return [1.0 / (1.0 + self.factor * (n - 1))] * n if n else []

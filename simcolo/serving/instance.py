@@ -103,8 +103,10 @@ class Instance:
 
     def enqueue(self, r: Request) -> None:
         """A request arrives (or its KV arrives, on a decode instance)."""
-        need = self.blocks_for(r.prompt_tokens + r.generated if r.needs_prefill else r.kv_len)
-        if need > self.num_blocks - self.watermark_blocks:
+        # Its KV at the last decode step (prompt + output - 1 tokens) must fit, or it could only
+        # preempt itself forever. (vLLM avoids this by refusing to start unless the KV cache holds
+        # max_model_len tokens; serving.num_gpu_blocks_override can undercut that here.)
+        if self.blocks_for(r.prompt_tokens + r.output_tokens - 1) > self.num_blocks - self.watermark_blocks:
             self._reject(r, "exceeds_kv_capacity")
             return
         self.waiting.append(r)
@@ -244,9 +246,6 @@ class Instance:
         r.prefill_done = 0
         r.preemptions += 1
         self.num_preemptions += 1
-        if self.blocks_for(r.prompt_tokens + r.generated) > self.num_blocks - self.watermark_blocks:
-            self._reject(r, "exceeds_kv_capacity")
-            return
         self.waiting.appendleft(r)
         self.outstanding += self._work(r)
 

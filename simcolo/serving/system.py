@@ -10,8 +10,8 @@ from simcolo.hardware.cluster import Cluster
 from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.policies.base import RoutingPolicy
 from simcolo.serving.instance import BatchingConfig, Instance
-from simcolo.serving.kv_memory import kv_budget
-from simcolo.specs import ModelSpec
+from simcolo.serving.kv_memory import KVBudget, kv_budget
+from simcolo.specs import GPUSpec, ModelSpec
 from simcolo.workload.request import Request
 
 MODES = ("colocated", "disaggregated")
@@ -26,6 +26,12 @@ class ServingLayout:
     decode_instances: int
     gpu_memory_utilization: float
     num_gpu_blocks_override: int | None
+
+    def kv_budget(self, model: ModelSpec, gpu: GPUSpec, batching: BatchingConfig) -> KVBudget:
+        """Memory per GPU of one instance; raises ConfigError if the model does not fit."""
+        batching.validate(model.max_context_len)
+        return kv_budget(model, gpu, self.tp, batching.block_size, self.gpu_memory_utilization,
+                         batching.max_batched_tokens, batching.max_num_seqs, self.num_gpu_blocks_override)
 
     @classmethod
     def from_cfg(cls, cfg) -> "ServingLayout":
@@ -48,10 +54,7 @@ class ServingSystem:
         self.arrived = 0
         self.done = 0
         self.in_transfer: dict[int, Request] = {}
-        batching.validate(model.max_context_len)
-        budget = kv_budget(model, cluster.spec, layout.tp, batching.block_size, layout.gpu_memory_utilization,
-                           batching.max_batched_tokens, batching.max_num_seqs, layout.num_gpu_blocks_override)
-        self.kv_budget = budget
+        self.kv_budget = budget = layout.kv_budget(model, cluster.spec, batching)
         tp = layout.tp
         if layout.mode == "colocated":
             count = layout.num_instances or len(cluster.gpus) // tp
