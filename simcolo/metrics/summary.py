@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 PERCENTILES = (50, 90, 99)
 
@@ -25,9 +26,8 @@ def serving_summary(table: pa.Table, itl, ttft_slo_s: float, tpot_slo_s: float) 
     col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in
            ("arrival_s", "finish_s", "ttft_s", "tpot_s", "e2el_s", "prompt_tokens", "output_tokens",
             "preemptions")}
-    status = table.column("status").to_numpy(zero_copy_only=False)
-    finished = status == "finished"
-    n = int(len(status))
+    finished = pc.equal(table.column("status"), "finished").to_numpy(zero_copy_only=False)
+    n = int(len(finished))
     start = float(col["arrival_s"].min()) if n else 0.0
     end = float(np.nanmax(col["finish_s"])) if finished.any() else start
     duration = max(end - start, 1e-12)
