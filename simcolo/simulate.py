@@ -96,9 +96,7 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
     sim_wall_s = time.perf_counter() - wall0
 
     slo = cfg["slo"]
-    table = sink.read(["arrival_s", "finish_s", "ttft_s", "tpot_s", "e2el_s", "prompt_tokens",
-                       "output_tokens", "preemptions", "status"])
-    summary = serving_summary(table, itl, float(slo["ttft_s"]), float(slo["tpot_s"]))
+    summary = serving_summary(sink, itl, float(slo["ttft_s"]), float(slo["tpot_s"]))
     summary.update(_cluster_summary(system, summary["duration_s"]))
     summary.update({f"status_{k}": v for k, v in sorted(sink.status_counts.items())})
     summary.update(workload.stats.as_dict())

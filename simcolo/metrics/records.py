@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from simcolo.workload.request import Request
@@ -81,6 +82,20 @@ class RequestSink:
                 self._writer = pq.ParquetWriter(self._tmp, SCHEMA)
             self._writer.close()
             self._tmp.replace(self.path)
+
+    def column(self, name: str) -> np.ndarray:
+        """One column as numpy (read alone, so the summary never holds every column at once)."""
+        if name == "status":
+            raise ValueError("use status_is() for the status column")
+        return self.read([name]).column(name).to_numpy(zero_copy_only=False)
+
+    def status_is(self, status: str) -> np.ndarray:
+        """Boolean mask of rows with this status (read dictionary-encoded: a byte per row, not a string)."""
+        if self.path is None:
+            col = self.read(["status"]).column("status")
+        else:
+            col = pq.read_table(self.path, columns=["status"], read_dictionary=["status"]).column("status")
+        return pc.equal(col, status).to_numpy(zero_copy_only=False)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         if self.path is None:

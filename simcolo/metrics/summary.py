@@ -6,8 +6,6 @@ met both the TTFT and the TPOT target (TPOT does not apply to single-token outpu
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 PERCENTILES = (50, 90, 99)
 
@@ -22,36 +20,42 @@ def _stats(name: str, values: np.ndarray) -> dict[str, float]:
     return out
 
 
-def serving_summary(table: pa.Table, itl, ttft_slo_s: float, tpot_slo_s: float) -> dict:
-    col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in
-           ("arrival_s", "finish_s", "ttft_s", "tpot_s", "e2el_s", "prompt_tokens", "output_tokens",
-            "preemptions")}
-    finished = pc.equal(table.column("status"), "finished").to_numpy(zero_copy_only=False)
+def serving_summary(records, itl, ttft_slo_s: float, tpot_slo_s: float) -> dict:
+    """Summary of a run's request records (a :class:`RequestSink`), reading one column at a time."""
+    finished = records.status_is("finished")
     n = int(len(finished))
-    start = float(col["arrival_s"].min()) if n else 0.0
-    end = float(np.nanmax(col["finish_s"])) if finished.any() else start
+    n_done = int(finished.sum())
+    arrival = records.column("arrival_s")
+    start = float(arrival.min()) if n else 0.0
+    del arrival
+    finish = records.column("finish_s")[finished]
+    end = float(finish.max()) if n_done else start
+    del finish
     duration = max(end - start, 1e-12)
-    tpot_ok = np.where(col["output_tokens"] > 1, col["tpot_s"] <= tpot_slo_s, True)
-    attained = finished & (col["ttft_s"] <= ttft_slo_s) & tpot_ok
-    out_tokens = float(col["output_tokens"][finished].sum())
-    in_tokens = float(col["prompt_tokens"][finished].sum())
-    summary = {
-        "num_requests": n,
-        "num_finished": int(finished.sum()),
-        "num_unfinished": int(n - finished.sum()),
-        "duration_s": duration,
-        "request_throughput_rps": float(finished.sum()) / duration,
-        "output_token_throughput_tps": out_tokens / duration,
-        "total_token_throughput_tps": (in_tokens + out_tokens) / duration,
+    summary = {"num_requests": n, "num_finished": n_done, "num_unfinished": n - n_done, "duration_s": duration}
+    ttft = records.column("ttft_s")
+    attained = finished & (ttft <= ttft_slo_s)
+    summary.update(_stats("ttft", ttft[finished]))
+    del ttft
+    tpot = records.column("tpot_s")
+    out_tokens = records.column("output_tokens")
+    attained &= np.where(out_tokens > 1, tpot <= tpot_slo_s, True)  # TPOT does not apply to 1 token
+    summary.update(_stats("tpot", tpot[finished]))
+    del tpot
+    summary.update(_stats("e2el", records.column("e2el_s")[finished]))
+    out_sum = float(out_tokens[finished].sum())
+    in_sum = float(records.column("prompt_tokens")[finished].sum())
+    summary.update({
+        "request_throughput_rps": n_done / duration,
+        "output_token_throughput_tps": out_sum / duration,
+        "total_token_throughput_tps": (in_sum + out_sum) / duration,
         "slo_ttft_s": ttft_slo_s,
         "slo_tpot_s": tpot_slo_s,
         "slo_attainment": float(attained.sum()) / n if n else float("nan"),
         "goodput_rps": float(attained.sum()) / duration,
-        "num_preemptions": int(col["preemptions"].sum()),
-    }
-    for name in ("ttft", "tpot", "e2el"):
-        summary.update(_stats(name, col[f"{name}_s"][finished]))
-    summary["itl_mean_s"] = itl.mean()
+        "num_preemptions": int(records.column("preemptions").sum()),
+        "itl_mean_s": itl.mean(),
+    })
     for p in PERCENTILES:
         summary[f"itl_p{p}_s"] = itl.percentile(p)
     return summary
