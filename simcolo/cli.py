@@ -38,7 +38,7 @@ def _app(cfg: DictConfig) -> float:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = simulate(cfg, out_dir)
+        result = simulate(cfg, out_dir, progress=sys.stderr.isatty() and not cfg.metrics.quiet)
     except SimcoloError as exc:
         print(f"simcolo: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from simcolo.costs import cost_model_for
 from simcolo.hardware.cluster import Cluster
@@ -48,11 +49,12 @@ def batching_from_cfg(cfg) -> BatchingConfig:
                           watermark=float(cfg["watermark"]), fast_advance=bool(cfg["fast_advance"]))
 
 
-def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
+def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> RunResult:
     """Run the simulation described by ``cfg`` (the composed Hydra config).
 
     With ``out_dir`` it writes ``requests.parquet``, ``gpus.parquet``, ``summary.json`` and
     ``plots/*.png`` there (each atomically; on error nothing that looks finished is left).
+    ``progress`` shows a tqdm bar of finished requests and simulated time.
     """
     wall0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -78,7 +80,14 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
     def finished() -> bool:
         return arrivals.done and system.done == system.arrived
 
-    sampler = TimelineSampler(env, system, float(cfg["metrics"]["timeline_interval_s"]), finished)
+    bar = tqdm(unit="req", desc="simulating", disable=not progress, mininterval=0.5, leave=False)
+
+    def on_tick(now: float) -> None:
+        bar.update(system.done - bar.n)
+        bar.set_postfix_str(f"t={now:,.0f}s", refresh=False)
+
+    sampler = TimelineSampler(env, system, float(cfg["metrics"]["timeline_interval_s"]), finished,
+                              on_tick if progress else None)
     max_time = cfg["sim"]["max_time_s"]
     try:
         env.run(until=None if max_time is None else float(max_time))
@@ -93,6 +102,8 @@ def simulate(cfg, out_dir: str | Path | None = None) -> RunResult:
     except BaseException:
         sink.abandon()
         raise
+    finally:
+        bar.close()
     sim_wall_s = time.perf_counter() - wall0
 
     slo = cfg["slo"]

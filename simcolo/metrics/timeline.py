@@ -8,6 +8,7 @@ from array import array
 
 import pandas as pd
 
+from simcolo.errors import ConfigError
 from simcolo.hardware.environment import At
 
 
@@ -15,10 +16,11 @@ class TimelineSampler:
     COLUMNS = ("time_s", "gpu", "instance", "waiting", "running", "kv_blocks_used",
                "kv_used_bytes", "memory_used_bytes", "memory_capacity_bytes", "busy_s")
 
-    def __init__(self, env, system, interval_s: float, is_done):
+    def __init__(self, env, system, interval_s: float, is_done, on_tick=None):
         if interval_s <= 0:
-            raise ValueError(f"metrics.timeline_interval_s must be > 0, got {interval_s}")
+            raise ConfigError(f"metrics.timeline_interval_s must be > 0, got {interval_s}")
         self.env, self.system, self.interval_s, self.is_done = env, system, interval_s, is_done
+        self.on_tick = on_tick   # called with the simulated time after each sample (progress bars)
         self._cols = {c: array("d") for c in self.COLUMNS}
         self._tick = 0
         self._schedule()
@@ -44,6 +46,8 @@ class TimelineSampler:
                                    ("memory_capacity_bytes", mem.capacity), ("busy_s", inst.busy_s)):
                     cols[key].append(value)
         self._tick += 1
+        if self.on_tick is not None:
+            self.on_tick(now)
         if not self.is_done():
             self._schedule()
 
