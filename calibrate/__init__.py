@@ -1,5 +1,8 @@
-"""calibrate/: the measurement harness that writes cost and interference tables on a real GPU.
+"""calibrate/: measure prefill, decode, training, data-movement and co-run kernels of a model on this
+machine and write a cost-table directory the simulator uses directly (``simcolo costs.path=DIR``).
 
-Not built yet (a later issue). The table format it will write is ``simcolo/costs/FORMAT.md``; until
-then the simulator runs on the roofline tables shipped in ``simcolo/costs/tables/``.
+``python -m calibrate model=<name> device=<cpu|cuda> out=<dir>`` measures (Hydra; ``conf/calibrate.yaml``),
+``python -m calibrate.report <dir>`` prints how well the tables predict held-out points. The model is
+``calibrate/model.py`` (a Llama-family decoder built from ``conf/model``, random weights) with LoRA in
+``calibrate/lora.py``; the table format is ``simcolo/costs/FORMAT.md``.
 """

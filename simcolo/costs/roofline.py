@@ -183,11 +183,18 @@ def decode_grid(model: ModelSpec) -> tuple[list[int], list[int]]:
 
 # ----------------------------------------------------------------------------------------- generation
 
+#: Specs in conf/gpu that are not GPUs (``cpu`` lets the simulator run on CPU-measured tables); no
+#: roofline tables are shipped for them.
+STAND_IN_GPUS = ("cpu",)
+
+
 def shippable_configs() -> list[tuple[str, str, int]]:
     """Every (gpu, model, tp) the project ships roofline tables for: the weights per GPU fit in
     MAX_WEIGHT_SHARE of its memory and tp divides the attention and KV heads; test models tp1 only."""
     out = []
     for gpu_name in known_gpus():
+        if gpu_name in STAND_IN_GPUS:
+            continue
         gpu = load_gpu_spec(gpu_name)
         for model_name in known_models():
             model = load_model_spec(model_name)

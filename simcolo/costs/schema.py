@@ -41,9 +41,22 @@ DECODE = TableSpec("decode", ("batch_size", "kv_tokens_per_seq"), "latency_s", (
 
 REQUIRED_TABLES: dict[str, TableSpec] = {PREFILL.name: PREFILL, DECODE.name: DECODE}
 
-#: Tables later work will add. Their names are accepted in ``metadata.json`` (the file must exist) but
-#: are not parsed yet; the intended columns are documented in FORMAT.md.
-RESERVED_TABLES: tuple[str, ...] = ("train_stage", "lora_step", "interference", "transfer")
+#: Tables calibrate/ writes beside the required ones. Their names are accepted in ``metadata.json``
+#: (the file must exist) but the simulator does not parse them yet; their columns, in the order
+#: calibrate/ writes them, are fixed here and documented in FORMAT.md.
+RESERVED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "train_stage": ("num_stages", "stage", "num_layers", "micro_batch", "seq_len", "phase", "latency_s",
+                    "latency_std_s", "repeats", "peak_memory_bytes"),
+    "lora_step": ("rank", "micro_batch", "seq_len", "phase", "num_layers", "trainable_params", "latency_s",
+                  "latency_std_s", "repeats", "peak_memory_bytes"),
+    "interference": ("kind_a", "a_x", "a_y", "kind_b", "b_micro_batch", "b_seq_len", "method", "sm_share_a",
+                     "sm_share_a_actual", "sm_share_b", "latency_a_alone_s", "latency_b_alone_s",
+                     "latency_a_s", "latency_b_s", "slowdown_a", "slowdown_b", "repeats"),
+    "transfer": ("link", "payload", "size", "bytes", "num_tensors", "latency_s", "latency_std_s", "repeats",
+                 "bandwidth_bytes_per_s"),
+    "learning_curve": ("step", "loss", "distribution"),
+}
+RESERVED_TABLES: tuple[str, ...] = tuple(RESERVED_COLUMNS)
 
 #: metadata.json keys that must be present. Extra keys are allowed (e.g. ``roofline_params``).
 METADATA_KEYS: dict[str, type | tuple[type, ...]] = {

@@ -1,0 +1,30 @@
+"""``python -m calibrate model=<name> device=<cpu|cuda> out=<dir>``: measure and write a cost-table
+directory (Hydra app over ``conf/calibrate.yaml``; see that file for every key)."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from simcolo.errors import SimcoloError
+from simcolo.paths import CONF_DIR
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="calibrate")
+def main(cfg: DictConfig) -> None:
+    from calibrate.harness import run
+
+    try:
+        run(cfg)
+    except SimcoloError as exc:
+        print(f"calibrate: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("calibrate: interrupted; every point measured so far is kept in <out>/.progress.jsonl: run "
+              "the same command again to continue", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
