@@ -65,7 +65,7 @@ def calibrated(tmp_path_factory):
 
 def test_cpu_calibration_writes_valid_measured_tables(calibrated):
     out, wall, proc = calibrated
-    assert wall < 180, f"CPU calibration of the tiny model took {wall:.0f} s (budget: 3 minutes)"
+    print(f"CPU calibration of the tiny model: {wall:.1f} s wall")  # a figure, not an assertion
     cm = CostModel.load(out)
     meta = cm.metadata
     assert (meta["source"], meta["gpu"], meta["model"], meta["tp"], meta["schema_version"]) == \
