@@ -36,6 +36,7 @@ class RunResult:
     sink: RequestSink
     timeline: pd.DataFrame
     system: ServingSystem
+    wall_s: float                  # wall time of the simulation (not in the summary: results are deterministic)
     out_dir: Path | None = None
     plots: list[Path] = field(default_factory=list)
 
@@ -114,16 +115,17 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
     summary.update({"cost_source": cost.metadata.get("source", "unknown"),
                     "cost_off_grid_queries": int(sum(n for axes in cost.off_grid.values() for n in axes.values())),
                     "policy": cfg["policy"]["name"], "model": model.name, "gpu": gpu.name,
-                    "seed": int(cfg["seed"]), "sim_wall_s": sim_wall_s})
+                    "seed": int(cfg["seed"])})
     timeline = sampler.frame()
-    result = RunResult(summary, sink, timeline, system, out_dir)
+    result = RunResult(summary, sink, timeline, system, sim_wall_s, out_dir)
     if out_dir is not None:
         with atomic_path(out_dir / "gpus.parquet") as tmp:
             timeline.to_parquet(tmp, index=False)
         if cfg["metrics"]["plots"]:
             from simcolo.metrics.plots import write_plots
 
-            result.plots = write_plots(result.requests(), timeline, out_dir / "plots",
+            columns = ["status", "ttft_s", "tpot_s", "e2el_s", "finish_s", "output_tokens"]
+            result.plots = write_plots(sink.read(columns).to_pandas(), timeline, out_dir / "plots",
                                        f"({model.name}, {cfg['policy']['name']})")
         write_json(out_dir / "summary.json", summary)  # last: its presence means the run completed
     return result

@@ -46,6 +46,8 @@ def test_same_config_and_seed_give_byte_identical_results(tmp_path):
         assert simcolo(*args, f"hydra.run.dir={tmp_path / name}").returncode == 0
         runs.append((tmp_path / name / "requests.parquet").read_bytes())
     assert runs[0] == runs[1]
+    assert (tmp_path / "a" / "summary.json").read_bytes() == (tmp_path / "b" / "summary.json").read_bytes()
+    assert (tmp_path / "a" / "gpus.parquet").read_bytes() == (tmp_path / "b" / "gpus.parquet").read_bytes()
     other = tmp_path / "c"
     assert simcolo(*args[:-2], "seed=8", "metrics.plots=false", f"hydra.run.dir={other}").returncode == 0
     assert (other / "requests.parquet").read_bytes() != runs[0]
