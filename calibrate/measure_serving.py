@@ -64,14 +64,7 @@ class PrefillMeasurer:
         model = _full_model(ctx, max(self.longest, ctx.spec.max_context_len))
         ids = ctx.random_ids((n, s), salt=1)
         cache = KVCache(ctx.spec, n, s, device=ctx.device, dtype=ctx.dtype)
-
-        def step():
-            cache.length = 0
-            model(ids, cache, last_token_logits_only=True)
-
-        with torch.inference_mode():
-            timing = ctx.timer(step)
-        return [_row(p, timing, self.estimate_bytes(p))]
+        return [_row(p, _time_forward(ctx, model, ids, cache, 0), self.estimate_bytes(p))]
 
     def close(self) -> None:
         pass
@@ -101,14 +94,18 @@ class DecodeMeasurer:
         cache = KVCache.filled(ctx.spec, b, kv, kv + 1, device=ctx.device, dtype=ctx.dtype,
                                generator=ctx.generator(2))
         ids = ctx.random_ids((b, 1), salt=3)
-
-        def step():
-            cache.length = kv
-            model(ids, cache, last_token_logits_only=True)
-
-        with torch.inference_mode():
-            timing = ctx.timer(step)
-        return [_row(p, timing, self.estimate_bytes(p))]
+        return [_row(p, _time_forward(ctx, model, ids, cache, kv), self.estimate_bytes(p))]
 
     def close(self) -> None:
         pass
+
+
+def _time_forward(ctx: Context, model, ids, cache, cached_len: int):
+    """Time one serving forward (logits of the last token only) from a cache holding ``cached_len``
+    tokens; the cache length is reset before every call so each repetition does the same work."""
+    def step():
+        cache.length = cached_len
+        model(ids, cache, last_token_logits_only=True)
+
+    with torch.inference_mode():
+        return ctx.timer(step)
