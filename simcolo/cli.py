@@ -29,6 +29,14 @@ def format_summary(s: dict) -> str:
         f"throughput: {s['request_throughput_rps']:.3f} req/s, {s['output_token_throughput_tps']:.1f} output tok/s,"
         f" {s['total_token_throughput_tps']:.1f} total tok/s   GPU busy: {s['gpu_busy_frac_mean']:.3f}",
     ]
+    if s.get("training_kind", "none") != "none":
+        lines += [
+            f"training ({s['training_kind']}, {s['layout']}): {s['train_tokens_per_s']:.0f} tok/s, "
+            f"{s['train_samples_per_s']:.2f} samples/s, {s['optimizer_steps']} optimizer steps, "
+            f"bubble rate {s['bubble_rate']:.3f}",
+            f"inference loss (mean): {s['inference_loss_mean']:.4f}   GPU utilisation: "
+            f"{s['gpu_utilization_mean']:.3f}   LeMix throughput: {s['lemix_throughput_tasks_per_s']:.3f} tasks/s",
+        ]
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from simcolo.costs import cost_model_for
+from simcolo.errors import ConfigError
+from simcolo.hardware.environment import At
 from simcolo.hardware.cluster import Cluster
 from simcolo.hardware.environment import SimEnvironment
 from simcolo.metrics.io import atomic_path, write_json
@@ -22,6 +24,7 @@ from simcolo.metrics.itl import ITLHistogram
 from simcolo.metrics.records import RequestSink
 from simcolo.metrics.summary import serving_summary
 from simcolo.metrics.timeline import TimelineSampler
+from simcolo.metrics.training_summary import slo_multiples, training_summary
 from simcolo.policies import make_policy
 from simcolo.serving.arrivals import ArrivalFeed
 from simcolo.serving.instance import BatchingConfig
@@ -39,6 +42,8 @@ class RunResult:
     wall_s: float                  # wall time of the simulation (not in the summary: results are deterministic)
     out_dir: Path | None = None
     plots: list[Path] = field(default_factory=list)
+    training: pd.DataFrame | None = None    # one row per optimizer step (co-located runs)
+    colocation: Any = None
 
     def requests(self) -> pd.DataFrame:
         return self.sink.read().to_pandas()
@@ -63,9 +68,18 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
     gpu = gpu_spec_from_mapping(cfg["gpu"], "gpu")
     layout = ServingLayout.from_cfg(cfg["serving"])
     batching = batching_from_cfg(cfg["serving"])
-    layout.kv_budget(model, gpu, batching)  # fail early, before anything else, if the model cannot fit
-    cost = cost_model_for(gpu.name, model.name, layout.tp, cfg["costs"]["path"], cfg["costs"]["tables_root"])
-    rng = np.random.default_rng(int(cfg["seed"]))
+    seed = int(cfg["seed"])
+    policy = make_policy(cfg["policy"], np.random.default_rng([seed, 2]))
+    # A co-location policy with training=none serves alone on the layout it would train on.
+    colocated = policy.layout != "serving"
+    if policy.layout == "serving" and cfg["training"]["kind"] != "none":
+        raise ConfigError(f"policy '{policy.name}' only routes requests; training={cfg['training']['kind']} needs a "
+                          f"co-location policy: isolated, mix_rr, mix_luf, mix_random, lemix (full) or harli, "
+                          f"static_share, flexllm (lora)")
+    if not colocated:
+        layout.kv_budget(model, gpu, batching)  # fail early, before anything else, if the model cannot fit
+        cost = cost_model_for(gpu.name, model.name, layout.tp, cfg["costs"]["path"], cfg["costs"]["tables_root"])
+    rng = np.random.default_rng(seed)
     workload = build_workload(cfg["workload"], max_context_len=model.max_context_len, rng=rng)
 
     env = SimEnvironment()
@@ -75,8 +89,28 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
                       float(c["nvlink_latency_s"]))
     sink = RequestSink(out_dir / "requests.parquet" if out_dir else None)
     itl = ITLHistogram()
-    system = ServingSystem(env, cluster, model, cost, layout, batching, make_policy(cfg["policy"]), sink, itl)
-    arrivals = ArrivalFeed(env, workload, system.dispatch)
+    colo = None
+    if colocated:
+        from simcolo.colocation.backend import Colocation
+
+        def on_done(r) -> None:
+            sink(r)
+            colo.on_request_finished(r)
+            if finished() and not stop.triggered:
+                stop.succeed()
+
+        colo = Colocation(env, cluster, model, gpu, cfg, policy, layout, batching, on_done, itl, seed)
+        system, cost = colo.system, colo.cost
+        stop = env.event()   # training never runs dry: the run ends when serving does
+
+        def dispatch(r) -> None:
+            colo.on_request_arrival()
+            system.dispatch(r)
+        arrivals = ArrivalFeed(env, workload, dispatch)
+    else:
+        system = ServingSystem(env, cluster, model, cost, layout, batching, policy, sink, itl)
+        arrivals = ArrivalFeed(env, workload, system.dispatch)
+        stop = None
 
     def finished() -> bool:
         return arrivals.done and system.done == system.arrived
@@ -91,7 +125,14 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
                               on_tick if progress else None)
     max_time = cfg["sim"]["max_time_s"]
     try:
-        env.run(until=None if max_time is None else float(max_time))
+        if stop is not None:
+            if max_time is not None:
+                At(env, float(max_time)).callbacks.append(lambda _ev: stop.triggered or stop.succeed())
+            if finished():
+                stop.succeed()
+            env.run(until=stop)
+        else:
+            env.run(until=None if max_time is None else float(max_time))
         if not finished():
             for r in system.in_flight():
                 r.status = "unfinished_at_end"
@@ -111,16 +152,26 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
     summary = serving_summary(sink, itl, float(slo["ttft_s"]), float(slo["tpot_s"]))
     summary.update(_cluster_summary(system, summary["duration_s"]))
     summary.update({f"status_{k}": v for k, v in sorted(sink.status_counts.items())})
+    summary.update(slo_multiples(sink, cost))
+    if colo is not None:
+        for p in colo.trainers:
+            if hasattr(p, "close"):
+                p.close(env.now)
+    summary.update(training_summary(colo, system, sink, summary["duration_s"], summary["num_finished"]))
     summary.update(workload.stats.as_dict())
     summary.update({"cost_source": cost.metadata.get("source", "unknown"),
                     "cost_off_grid_queries": int(sum(n for axes in cost.off_grid.values() for n in axes.values())),
                     "policy": cfg["policy"]["name"], "model": model.name, "gpu": gpu.name,
                     "seed": int(cfg["seed"])})
     timeline = sampler.frame()
-    result = RunResult(summary, sink, timeline, system, sim_wall_s, out_dir)
+    training = training_frame(colo)
+    result = RunResult(summary, sink, timeline, system, sim_wall_s, out_dir, training=training, colocation=colo)
     if out_dir is not None:
         with atomic_path(out_dir / "gpus.parquet") as tmp:
             timeline.to_parquet(tmp, index=False)
+        if training is not None:
+            with atomic_path(out_dir / "training.parquet") as tmp:
+                training.to_parquet(tmp, index=False)
         if cfg["metrics"]["plots"]:
             from simcolo.metrics.plots import write_plots
 
@@ -129,6 +180,16 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
                                        f"({model.name}, {cfg['policy']['name']})")
         write_json(out_dir / "summary.json", summary)  # last: its presence means the run completed
     return result
+
+
+def training_frame(colo) -> pd.DataFrame | None:
+    if colo is None or not colo.training_on:
+        return None
+    from simcolo.colocation.backend import TrainingRecords
+
+    df = pd.DataFrame(colo.records.rows, columns=list(TrainingRecords.COLUMNS))
+    return df.astype({"trainer": "int64", "version": "int64", "start_s": "float64", "end_s": "float64",
+                      "tasks": "int64", "tokens": "int64"})
 
 
 def _cluster_summary(system: ServingSystem, duration_s: float) -> dict[str, float]:

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from simcolo.costs import CostModel
+from simcolo.costs import CostModel, TrainingCosts
 from simcolo.costs.roofline import Roofline, RooflineParams, main
+from simcolo.costs.roofline_training import KernelProfile, TrainingRoofline, co_run_slowdowns, seq_len_grid
 from simcolo.errors import ConfigError
 from simcolo.specs import load_gpu_spec, load_model_spec
 
@@ -83,3 +84,55 @@ def test_cli_keeps_measured_tables_and_reports_errors(tmp_path, capsys):
     assert "holds measured tables" in capsys.readouterr().err
     assert main(["--gpu", "h100-sxm", "--model", "llama9", "--out", str(tmp_path / "n")]) == 1
     assert "unknown model 'llama9'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ training and interference
+
+def train_roof(model="llama3-8b", gpu="h100-sxm", **params):
+    return TrainingRoofline(load_model_spec(model), load_gpu_spec(gpu), RooflineParams(**params))
+
+
+def test_training_phases_follow_the_formulas():
+    r = train_roof()
+    o = r.params.train_phase_overhead_s
+    m = load_model_spec("llama3-8b")
+    fwd = r.stage_phase(2, 0, "forward", 1, 2048).total_s
+    assert r.stage_phase(2, 0, "backward", 1, 2048).total_s == pytest.approx(2 * (fwd - o) + o)
+    # stage 0 of 2: 16 layers and the embedding; AdamW moves 7 x 2 bytes per parameter
+    params = 16 * m.layer_params + m.embedding_params
+    assert r.stage_params(2, 0) == params
+    bw = load_gpu_spec("h100-sxm").hbm_bandwidth_bytes_per_s * r.params.memory_efficiency
+    assert r.stage_phase(2, 0, "optimizer", 1, 2048).total_s == pytest.approx(14 * params / bw + o)
+    # large micro-batches are compute-bound: ~2 * params * tokens FLOPs
+    flops = 2 * 16 * m.layer_params * 16 * 4096
+    assert r.stage_phase(2, 0, "forward", 16, 4096).total_s > flops / (989e12 * r.params.gemm_efficiency)
+    assert r.lora_trainable_params(16) == 32 * 16 * (6 * 4096 + 2 * 1024)
+    assert r.stage_peak_memory_bytes(1, 0, "optimizer", 1, 128) == 8 * m.num_params
+
+
+def test_seq_len_grid_stops_at_the_context():
+    assert seq_len_grid(load_model_spec("llama3-8b")) == [128, 256, 512, 1024, 2048, 4096]
+    assert seq_len_grid(load_model_spec("tiny")) == [128, 256, 512]
+
+
+def test_contention_model():
+    decode, train = KernelProfile(c=0.1, m=0.8), KernelProfile(c=0.9, m=0.1)
+    assert co_run_slowdowns(decode, KernelProfile(0.0, 0.0), None) == pytest.approx((1.0, 1.0))
+    sa, sb = co_run_slowdowns(decode, train, None)
+    assert sa >= 1 and sb == pytest.approx(0.9 * 1.0 + 0.1)          # c_a + c_b = 1: no SM contention
+    sa, sb = co_run_slowdowns(KernelProfile(0.9, 0.1), train, None)
+    assert sa == pytest.approx(0.9 * 1.8 + 0.1) and sb == pytest.approx(0.9 * 1.8 + 0.1)
+    # partition: compute / share, memory limited below half the SMs
+    sa, sb = co_run_slowdowns(decode, train, 0.25)
+    assert sa == pytest.approx(0.8 * 2.0 + 0.2) and sb == pytest.approx(0.9 / 0.75 + 0.1)
+
+
+def test_training_overhead_param_reaches_the_tables(tmp_path):
+    out = tmp_path / "t"
+    assert main(["--gpu", "h100-sxm", "--model", "tiny", "--out", str(out),
+                 "--param", "train_phase_overhead_s=0.002"]) == 0
+    tc = TrainingCosts.load(out)
+    assert tc.metadata["roofline_params"]["train_phase_overhead_s"] == 0.002
+    assert tc.lora_s(8, "optimizer", 1, 128) == pytest.approx(0.002, rel=0.01)   # tiny: overhead only
+    with pytest.raises(ConfigError, match="train_phase_overhead_s"):
+        train_roof(train_phase_overhead_s=-1.0)

@@ -17,6 +17,9 @@ per-iteration overhead and the tensor-parallel all-reduces are added on top. Per
 * tensor parallelism: 2 all-reduces per layer of ``tokens · hidden · dtype_bytes`` bytes, costed as a
   ring: ``2(tp-1)/tp · bytes / (NVLink bandwidth · eff) + latency``.
 
+Every directory also gets the training tables ``train_stage`` and ``lora_step`` and the co-run
+``interference`` table, estimated by the formulas in ``roofline_training.py``.
+
 Activations' memory traffic is ignored: next to the weights it is small while an iteration is
 memory-bound, and once it is large the GEMMs are compute-bound. The tables are labelled
 ``source: roofline`` and are meant to be replaced by measured tables from calibrate/.
@@ -43,7 +46,7 @@ from simcolo.specs import GPUSpec, ModelSpec, known_gpus, known_models, load_gpu
 
 #: Bump when the formulas, defaults or grids change; ``GENERATOR_DATE`` is written as ``created`` so
 #: that regenerating gives byte-identical files (the tests compare them with the shipped ones).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 GENERATOR_DATE = "2026-11-24"
 GENERATOR = f"simcolo.costs.roofline v{GENERATOR_VERSION}"
 
@@ -87,6 +90,13 @@ class RooflineParams:
     """Fraction of the one-directional NVLink bandwidth that a ring all-reduce reaches (NCCL bus
     bandwidth is ~75–85 % of the link peak for large messages)."""
 
+    train_phase_overhead_s: float = 0.3e-3
+    """Fixed time added to each training phase of the ``train_stage`` and ``lora_step`` tables (one
+    forward, one backward or one optimizer step of a micro-batch): autograd and Python dispatch plus
+    the launch gaps of the few hundred kernels a phase runs that are not hidden behind GPU work.
+    Eager PyTorch training steps show ~0.1–0.5 ms of such gaps per phase once the GPU is busy; 0.3 ms
+    sits there. See ``simcolo/costs/roofline_training.py``."""
+
     def validate(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -122,9 +132,6 @@ class Roofline:
         self._mem_bw = gpu.hbm_bandwidth_bytes_per_s * p.memory_efficiency
         self._link_bw = gpu.nvlink_bandwidth_bytes_per_s * p.interconnect_efficiency
 
-    def _part(self, flops: float, nbytes: float, flops_per_s: float) -> float:
-        return max(flops / flops_per_s, nbytes / self._mem_bw)
-
     def _allreduce_s(self, tokens: float) -> float:
         tp = self.tp
         if tp == 1:
@@ -133,26 +140,47 @@ class Roofline:
         one = 2.0 * (tp - 1) / tp * nbytes / self._link_bw + self.params.allreduce_latency_s
         return 2 * self.model.num_layers * one
 
+    def prefill_parts(self, batch_tokens: int, num_seqs: int) -> list[tuple[float, float]]:
+        """(compute time, memory time) of the linear layers, LM head and attention of a prefill
+        iteration; each part costs the larger of the two (see :meth:`prefill_s`)."""
+        L, h = self.model.num_layers, self.model.hidden_size
+        seq_len = batch_tokens / num_seqs
+        return [
+            (self._linear_flops_per_token * batch_tokens / self._gemm_flops, self._linear_bytes / self._mem_bw),
+            (self._head_flops_per_seq * num_seqs / self._gemm_flops, self._head_bytes / self._mem_bw),
+            (2.0 * L * batch_tokens * seq_len * h / self.tp / self._attn_flops,
+             batch_tokens * self._kv_bytes_per_token / self._mem_bw),
+        ]
+
+    def prefill_fixed_s(self, batch_tokens: int, num_seqs: int) -> float:
+        """The part of a prefill iteration that is neither compute nor HBM traffic: the iteration
+        overhead and the tensor-parallel all-reduces."""
+        return self.params.iteration_overhead_s + self._allreduce_s(batch_tokens)
+
     def prefill_s(self, batch_tokens: int, num_seqs: int) -> float:
         """A prefill iteration of ``batch_tokens`` prompt tokens in ``num_seqs`` equal sequences. Also
         evaluated for ``num_seqs > batch_tokens`` (sequences shorter than one token), which only exists
         to keep the table a full grid."""
-        L, h = self.model.num_layers, self.model.hidden_size
-        seq_len = batch_tokens / num_seqs
-        linear = self._part(self._linear_flops_per_token * batch_tokens, self._linear_bytes, self._gemm_flops)
-        head = self._part(self._head_flops_per_seq * num_seqs, self._head_bytes, self._gemm_flops)
-        attn = self._part(2.0 * L * batch_tokens * seq_len * h / self.tp,
-                          batch_tokens * self._kv_bytes_per_token, self._attn_flops)
+        linear, head, attn = (max(c, m) for c, m in self.prefill_parts(batch_tokens, num_seqs))
         return linear + head + attn + self.params.iteration_overhead_s + self._allreduce_s(batch_tokens)
+
+    def decode_parts(self, batch_size: int, kv_tokens_per_seq: int) -> list[tuple[float, float]]:
+        """(compute time, memory time) of the linear layers, LM head and attention of a decode iteration."""
+        L, h = self.model.num_layers, self.model.hidden_size
+        kv_total = batch_size * kv_tokens_per_seq
+        return [
+            (self._linear_flops_per_token * batch_size / self._gemm_flops, self._linear_bytes / self._mem_bw),
+            (self._head_flops_per_seq * batch_size / self._gemm_flops, self._head_bytes / self._mem_bw),
+            (4.0 * L * kv_total * h / self.tp / self._attn_flops, kv_total * self._kv_bytes_per_token / self._mem_bw),
+        ]
+
+    def decode_fixed_s(self, batch_size: int, kv_tokens_per_seq: int) -> float:
+        """Iteration overhead plus tensor-parallel all-reduces of a decode iteration."""
+        return self.params.iteration_overhead_s + self._allreduce_s(batch_size)
 
     def decode_s(self, batch_size: int, kv_tokens_per_seq: int) -> float:
         """A decode iteration of ``batch_size`` sequences, each attending to ``kv_tokens_per_seq`` tokens."""
-        L, h = self.model.num_layers, self.model.hidden_size
-        kv_total = batch_size * kv_tokens_per_seq
-        linear = self._part(self._linear_flops_per_token * batch_size, self._linear_bytes, self._gemm_flops)
-        head = self._part(self._head_flops_per_seq * batch_size, self._head_bytes, self._gemm_flops)
-        attn = self._part(4.0 * L * kv_total * h / self.tp, kv_total * self._kv_bytes_per_token,
-                          self._attn_flops)
+        linear, head, attn = (max(c, m) for c, m in self.decode_parts(batch_size, kv_tokens_per_seq))
         return linear + head + attn + self.params.iteration_overhead_s + self._allreduce_s(batch_size)
 
 
@@ -225,7 +253,12 @@ def _method_text(params: RooflineParams) -> str:
 
 
 def generate(gpu: str, model: str, tp: int, out: Path, params: RooflineParams = RooflineParams()) -> Path:
-    """Write the roofline table directory for ``gpu``/``model``/``tp`` to ``out``; returns ``out``."""
+    """Write the roofline table directory for ``gpu``/``model``/``tp`` to ``out``; returns ``out``.
+
+    Besides ``prefill`` and ``decode`` it holds ``train_stage``, ``lora_step`` and ``interference``
+    (``simcolo/costs/roofline_training.py``)."""
+    from simcolo.costs import roofline_training  # it imports this module
+
     model_spec, gpu_spec = load_model_spec(model), load_gpu_spec(gpu)
     roof = Roofline(model_spec, gpu_spec, tp, params)
     tokens, seqs = prefill_grid(model_spec)
@@ -243,12 +276,13 @@ def generate(gpu: str, model: str, tp: int, out: Path, params: RooflineParams = 
         "generator": GENERATOR,
         "model_config": asdict(model_spec),
         "gpu_spec": asdict(gpu_spec),
-        "method": _method_text(params),
+        "method": _method_text(params) + " " + roofline_training.method_text(params),
         "roofline_params": asdict(params),
-        "tables": {"prefill": "prefill.csv", "decode": "decode.csv"},
+        "tables": {"prefill": "prefill.csv", "decode": "decode.csv", **roofline_training.FILES},
     }
-    write_table_dir(out, metadata, {"prefill.csv": grid_csv(PREFILL, prefill_rows),
-                                    "decode.csv": grid_csv(DECODE, decode_rows)})
+    files = {"prefill.csv": grid_csv(PREFILL, prefill_rows), "decode.csv": grid_csv(DECODE, decode_rows),
+             **roofline_training.training_tables(model_spec, gpu_spec, tp, params)}
+    write_table_dir(out, metadata, files)
     return Path(out)
 
 

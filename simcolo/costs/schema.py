@@ -42,8 +42,10 @@ DECODE = TableSpec("decode", ("batch_size", "kv_tokens_per_seq"), "latency_s", (
 REQUIRED_TABLES: dict[str, TableSpec] = {PREFILL.name: PREFILL, DECODE.name: DECODE}
 
 #: Tables calibrate/ writes beside the required ones. Their names are accepted in ``metadata.json``
-#: (the file must exist) but the simulator does not parse them yet; their columns, in the order
-#: calibrate/ writes them, are fixed here and documented in FORMAT.md.
+#: (the file must exist); ``CostModel.load`` does not parse them. Their columns, in the order calibrate/
+#: writes them, are fixed here and documented in FORMAT.md. ``train_stage``, ``lora_step`` and
+#: ``interference`` are also written by the roofline generator and read (and validated) by
+#: ``TrainingCosts`` (training_costs.py) and ``InterferenceTable`` (interference_table.py).
 RESERVED_COLUMNS: dict[str, tuple[str, ...]] = {
     "train_stage": ("num_stages", "stage", "num_layers", "micro_batch", "seq_len", "phase", "latency_s",
                     "latency_std_s", "repeats", "peak_memory_bytes"),
@@ -57,6 +59,15 @@ RESERVED_COLUMNS: dict[str, tuple[str, ...]] = {
     "learning_curve": ("step", "loss", "distribution"),
 }
 RESERVED_TABLES: tuple[str, ...] = tuple(RESERVED_COLUMNS)
+
+#: The reserved tables the simulator reads (every roofline directory has them).
+SIMULATOR_TABLES: tuple[str, ...] = ("train_stage", "lora_step", "interference")
+#: Values of ``phase`` in ``train_stage`` and ``lora_step``.
+TRAINING_PHASES: tuple[str, ...] = ("forward", "backward", "optimizer")
+#: Values of ``kind_a``, ``kind_b`` and ``method`` in ``interference``.
+INTERFERENCE_KINDS_A: tuple[str, ...] = ("prefill", "decode")
+INTERFERENCE_KINDS_B: tuple[str, ...] = ("train", "lora")
+INTERFERENCE_METHODS: tuple[str, ...] = ("streams", "green_context")
 
 #: metadata.json keys that must be present. Extra keys are allowed (e.g. ``roofline_params``).
 METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -72,6 +83,19 @@ METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
     "method": str,
     "tables": dict,
 }
+
+
+def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
+    """The decoder layers of pipeline stage ``stage`` of ``num_stages`` in ``train_stage``: the split of
+    ``calibrate.model.stage_layers`` -- contiguous, as even as possible, the first ``num_layers %
+    num_stages`` stages holding one layer more."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"num_stages {num_stages} must be within [1, {num_layers}] (the model's layers)")
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage {stage} must be within [0, {num_stages})")
+    base, extra = divmod(num_layers, num_stages)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (stage < extra))
 
 
 def table_dir_name(gpu: str, model: str, tp: int) -> str:

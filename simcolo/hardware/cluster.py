@@ -41,7 +41,7 @@ class Cluster:
         self.spec = gpu
         self.gpus_per_node = gpus_per_node
         self.gpus = [GPU(i, i // gpus_per_node, gpu, MemoryPool(gpu.memory_bytes, f"gpu{i}"),
-                         SharedCompute(env, interference))
+                         SharedCompute(env, interference, i))
                      for i in range(num_nodes * gpus_per_node)]
         self.nvlink = Link(gpu.nvlink_bandwidth_bytes_per_s, nvlink_latency_s)
         self.network = Link(network_bandwidth_bytes_per_s, network_latency_s)

@@ -3,6 +3,12 @@
 Kernels that run at once progress at rates given by an interference model; whenever the set of
 running kernels changes, every kernel's remaining work is charged for the time that passed and
 finish times are recomputed. Work is measured in solo seconds (what the cost model predicts).
+
+A serving instance is a *resident*: rather than one kernel per iteration (which would defeat the
+serving model's fast advance), it tells the GPU which kind of iteration it is running (``prefill``,
+``decode`` or idle) and the GPU tells it the rate it progresses at, whenever that changes; the
+instance re-times its own iterations (``Instance.set_rate``). ``sm_share`` is the SM fraction of the
+serving side when a policy partitions the GPU (Harli); ``None`` means plain streams.
 """
 from __future__ import annotations
 
@@ -23,15 +29,26 @@ class Kernel:
 
 
 class SharedCompute:
-    def __init__(self, env: SimEnvironment, interference: InterferenceModel | None = None):
+    def __init__(self, env: SimEnvironment, interference: InterferenceModel | None = None, index: int = 0):
         self.env = env
+        self.index = index
         self.interference = interference or NoInterference()
         self.running: list[Kernel] = []
+        self.residents: dict[object, str] = {}   # resident -> kind it is running now
+        self.sm_share: float | None = None
         self._last_s = env.now
-        self.busy_s = 0.0   # time with at least one kernel running
+        self.busy_s = 0.0        # time with anything running
+        self.train_busy_s = 0.0  # time with at least one kernel (training) running
+        self.serve_busy_s = 0.0  # time with a resident iterating
 
+    # ------------------------------------------------------------------ kernels
     def run(self, kind: str, work_s: float):
         """Start a kernel of ``work_s`` solo seconds; returns an event that fires when it finishes."""
+        return self.start(kind, work_s).done
+
+    def start(self, kind: str, work_s: float) -> Kernel:
+        """Like :meth:`run` but returns the :class:`Kernel` (its ``done`` event fires at the end), so
+        that it can be cancelled."""
         if work_s < 0:
             raise ValueError(f"negative kernel work {work_s}")
         self._charge()
@@ -39,21 +56,76 @@ class SharedCompute:
         kernel.started_s = self.env.now
         self.running.append(kernel)
         self._reschedule()
-        return kernel.done
+        return kernel
 
+    def cancel(self, kernel: Kernel) -> float:
+        """Stop a running kernel without firing its event; returns the solo work it had left."""
+        if kernel not in self.running:
+            return 0.0
+        self._charge()
+        self.running.remove(kernel)
+        kernel._timer = None
+        self._reschedule()
+        return kernel.remaining
+
+    # ------------------------------------------------------------------ residents (serving instances)
+    def set_resident(self, resident, kind: str | None) -> None:
+        """``resident`` now runs iterations of ``kind`` (``None``: idle). Calls ``resident.set_rate``
+        with its new rate if that changed."""
+        if self.residents.get(resident) == kind:
+            return
+        self._charge()
+        if kind is None:
+            self.residents.pop(resident, None)
+        else:
+            self.residents[resident] = kind
+        self._reschedule()
+
+    def set_share(self, share: float | None) -> None:
+        """Partition the SMs: ``share`` to the serving side, the rest to training (``None``: streams)."""
+        if share is not None and not 0.0 < share < 1.0:
+            raise ValueError(f"SM share must be in (0, 1), got {share}")
+        if share == self.sm_share:
+            return
+        self._charge()
+        self.sm_share = share
+        self._reschedule()
+
+    def serving_rate(self, kind: str, training_kind: str | None, share: float | None) -> float:
+        """The rate a serving iteration of ``kind`` would get beside ``training_kind`` (a prediction,
+        changes nothing)."""
+        kinds = [kind] if training_kind is None else [kind, training_kind]
+        return self.interference.rates(kinds, share)[0]
+
+    def busy_at(self, now: float) -> float:
+        """Busy seconds up to ``now`` (a pure query: counts the interval since the last change)."""
+        if self.running or self.residents:
+            return self.busy_s + (now - self._last_s)
+        return self.busy_s
+
+    # ------------------------------------------------------------------ internals
     def _charge(self) -> None:
         now = self.env.now
         dt = now - self._last_s
         if dt > 0:
-            if self.running:
+            if self.running or self.residents:
                 self.busy_s += dt
-            for k in self.running:
-                k.remaining = max(0.0, k.remaining - k.rate * dt)
+            if self.running:
+                self.train_busy_s += dt
+                for k in self.running:
+                    k.remaining = max(0.0, k.remaining - k.rate * dt)
+            if self.residents:
+                self.serve_busy_s += dt
         self._last_s = now
 
-    def _reschedule(self) -> None:
-        rates = self.interference.rates([k.kind for k in self.running])
+    def _reschedule(self, residents_too: bool = True) -> None:
+        residents = self.residents if residents_too else {}
+        kinds = [k.kind for k in self.running]
+        if residents:
+            kinds += residents.values()
+        rates = self.interference.rates(kinds, self.sm_share) if kinds else []
         now = self.env.now
+        n = len(self.running)
         for k, rate in zip(self.running, rates):
             if not 0 < rate <= 1:
                 raise ValueError(f"interference model gave rate {rate} for '{k.kind}'; expected (0, 1]")
@@ -61,6 +133,8 @@ class SharedCompute:
             timer = At(self.env, now + k.remaining / rate)
             timer.callbacks.append(lambda _ev, k=k, t=timer: self._finish(k, t))
             k._timer = timer
+        for resident, rate in zip(list(residents), rates[n:]):
+            resident.set_rate(self.index, rate)
 
     def _finish(self, kernel: Kernel, timer) -> None:
         if kernel._timer is not timer or kernel not in self.running:
@@ -69,4 +143,19 @@ class SharedCompute:
         self.running.remove(kernel)
         kernel.remaining = 0.0
         kernel.done.succeed(self.env.now - kernel.started_s)
-        self._reschedule()
+        if self.residents:
+            # The finished kernel's successor usually starts at this same instant (from the done
+            # event's callbacks): tell the residents their rate only after that, so that a serving
+            # run is not cut and re-timed twice for a zero-length gap.
+            self._reschedule(residents_too=False)
+            At(self.env, self.env.now).callbacks.append(self._refresh_residents)
+        else:
+            self._reschedule()
+
+    def _refresh_residents(self, _ev) -> None:
+        if not self.residents:
+            return
+        kinds = [k.kind for k in self.running] + list(self.residents.values())
+        rates = self.interference.rates(kinds, self.sm_share)
+        for resident, rate in zip(list(self.residents), rates[len(self.running):]):
+            resident.set_rate(self.index, rate)

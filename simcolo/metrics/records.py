@@ -16,7 +16,7 @@ _RAW = [
     ("request_id", pa.int64()), ("arrival_s", pa.float64()), ("prompt_tokens", pa.int64()),
     ("output_tokens", pa.int64()), ("instance", pa.int32()), ("prefill_instance", pa.int32()),
     ("scheduled_s", pa.float64()), ("first_token_s", pa.float64()), ("finish_s", pa.float64()),
-    ("preemptions", pa.int32()), ("status", pa.string()),
+    ("preemptions", pa.int32()), ("status", pa.string()), ("model_version", pa.int64()),
 ]
 _DERIVED = [("ttft_s", pa.float64()), ("tpot_s", pa.float64()), ("e2el_s", pa.float64())]
 SCHEMA = pa.schema(_RAW + _DERIVED)
@@ -48,7 +48,7 @@ class RequestSink:
         c[6].append(_NAN if r.scheduled_s is None else r.scheduled_s)
         c[7].append(_NAN if r.first_token_s is None else r.first_token_s)
         c[8].append(_NAN if r.finish_s is None else r.finish_s)
-        c[9].append(r.preemptions); c[10].append(r.status)
+        c[9].append(r.preemptions); c[10].append(r.status); c[11].append(r.model_version)
         self.count += 1
         self.status_counts[r.status] += 1
         if len(c[0]) >= self._flush_rows:

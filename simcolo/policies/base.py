@@ -1,7 +1,8 @@
-"""The small interface every policy implements.
+"""The small interfaces every policy implements.
 
-A policy sees a clock and read-only *views* of the serving instances (queues, outstanding work, KV
-use) and returns decisions. It never learns whether a simulated or a live backend runs it.
+A policy sees a clock, read-only *views* of the cluster (serving instances, co-located nodes,
+finetune state) and a *predictor* of costs, and returns decisions. It never learns whether a simulated
+or a live backend runs it: views and predictors are plain protocols that either backend provides.
 """
 from __future__ import annotations
 
@@ -21,11 +22,91 @@ class InstanceView(Protocol):
     def kv_blocks_used(self, now: float) -> int: ...
 
 
+class NodeView(InstanceView, Protocol):
+    """A co-located node: one serving replica and one training pipeline on the same S GPUs."""
+
+    num_stages: int
+    last_arrival_s: float          # last task (request or training) placed here; -inf if none
+
+    def stage_backlog_s(self, stage: int) -> float:
+        """Solo seconds of training work placed on ``stage`` and not yet done."""
+
+    def serving_wait_s(self, now: float) -> float:
+        """Predicted time before a new request's prefill starts (queued prompts)."""
+
+    def serving_rate(self) -> float:
+        """Rate serving iterations progress at now (1 alone; < 1 beside training)."""
+
+    def length_stats(self, training: bool) -> tuple[int, float, float]:
+        """(count, mean, std) of the lengths of the tasks of that type placed here."""
+
+
+class CostPredictor(Protocol):
+    """Cost-model predictions a policy may use (the simulator's tables, or a live backend's)."""
+
+    tpot_slo_s: float
+    ttft_slo_s: float
+
+    def task_forward_s(self, num_stages: int) -> list[float]: ...
+
+    def task_backward_s(self, num_stages: int) -> list[float]: ...
+
+    def request_prefill_s(self, prompt_tokens: int) -> float: ...
+
+    def decode_solo_s(self, batch: int, kv_tokens: int) -> float: ...
+
+    def decode_corun_s(self, batch: int, kv_tokens: int, share: float | None) -> float: ...
+
+    def decode_slowdown(self, share: float | None) -> float: ...
+
+    def lora_rate(self, share: float | None) -> float: ...
+
+    def lora_step_s(self, micro_batch: int, seq_len: int) -> float: ...
+
+
 class RoutingPolicy(ABC):
     """Chooses the instance a request goes to (for disaggregated serving: once per phase)."""
 
     name: str = "base"
+    #: which layout the backend builds: ``serving`` (no training), ``isolated`` (separate serving and
+    #: training GPUs), ``pipelines`` (every node serves and trains), ``finetune`` (prefill/decode
+    #: disaggregated, LoRA finetuning on decode GPUs)
+    layout: str = "serving"
+
+    def __init__(self, cfg=None, rng=None):
+        self.cfg, self.rng = cfg, rng
+        self.predictor: CostPredictor | None = None
+
+    def bind(self, predictor: CostPredictor) -> None:
+        """The backend hands the policy its cost predictions before the run starts."""
+        self.predictor = predictor
 
     @abstractmethod
     def route(self, request: Request, instances: Sequence[InstanceView], now: float) -> int:
         """Return the position in ``instances`` of the chosen instance."""
+
+
+class PipelinePolicy(RoutingPolicy):
+    """Places inference requests and training tasks on co-located nodes."""
+
+    layout = "pipelines"
+    release: str = "async"          # when a node's pipeline admits its next task (async | sync)
+    memory_threshold: float | None = None   # a stage starts a forward only under this memory fraction
+
+    @abstractmethod
+    def place_training(self, task, nodes: Sequence[NodeView], predictor: CostPredictor, now: float) -> int | None:
+        """The node for a training task, or ``None`` to defer it (it is offered again later)."""
+
+
+class FinetunePolicy(RoutingPolicy):
+    """Decides, per decode iteration, the SM split and the finetune micro-batch on a decode GPU."""
+
+    layout = "finetune"
+    static_memory: bool = False
+
+    @abstractmethod
+    def plan_finetune(self, state, predictor: CostPredictor, running_micro_batch: int | None
+                      ) -> tuple[float | None, int, float]:
+        """Return (decode SM share or None for no partition, micro-batch size, predicted co-run decode
+        iteration latency). ``running_micro_batch``: the micro-batch already running (only the share
+        may change; a size of 0 asks to stop it)."""

@@ -10,13 +10,17 @@ from simcolo.policies.base import InstanceView, RoutingPolicy
 from simcolo.workload.request import Request
 
 
+def least_outstanding(instances: Sequence[InstanceView], now: float) -> int:
+    best, best_load = 0, None
+    for i, inst in enumerate(instances):
+        load = inst.outstanding_tokens(now)
+        if best_load is None or load < best_load:
+            best, best_load = i, load
+    return best
+
+
 class LeastOutstandingTokens(RoutingPolicy):
     name = "least_outstanding"
 
     def route(self, request: Request, instances: Sequence[InstanceView], now: float) -> int:
-        best, best_load = 0, None
-        for i, inst in enumerate(instances):
-            load = inst.outstanding_tokens(now)
-            if best_load is None or load < best_load:
-                best, best_load = i, load
-        return best
+        return least_outstanding(instances, now)

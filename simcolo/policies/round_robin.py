@@ -7,14 +7,24 @@ from simcolo.policies.base import InstanceView, RoutingPolicy
 from simcolo.workload.request import Request
 
 
+class Cycle:
+    """A counter per group of choices: 0, 1, ..., n-1, 0, ..."""
+
+    def __init__(self):
+        self._next: dict[object, int] = {}
+
+    def next(self, key, n: int) -> int:
+        i = self._next.get(key, 0) % n
+        self._next[key] = (i + 1) % n
+        return i
+
+
 class RoundRobin(RoutingPolicy):
     name = "round_robin"
 
-    def __init__(self):
-        self._next: dict[int, int] = {}
+    def __init__(self, cfg=None, rng=None):
+        super().__init__(cfg, rng)
+        self._cycle = Cycle()
 
     def route(self, request: Request, instances: Sequence[InstanceView], now: float) -> int:
-        key = id(instances)
-        i = self._next.get(key, 0)
-        self._next[key] = (i + 1) % len(instances)
-        return i
+        return self._cycle.next(id(instances), len(instances))

@@ -89,6 +89,17 @@ class Instance:
         self._gen = 0            # generation of the live decode-run timer; older ones are stale
         self._h_ends: np.ndarray | None = None
         self._h_n = 0
+        self._end = 0.0          # end of the single iteration in flight
+        # --- co-location (all inert in a serving-only run) ---
+        self.rate = 1.0          # progress rate on its GPUs (1: solo); iterations take solo latency / rate
+        self._gpu_rates: dict[int, float] = {}
+        self._computes: list = []       # the GPUs' SharedCompute, told what this instance runs
+        self._kind: str | None = None   # what it runs now: "prefill", "decode" or None (idle)
+        self.on_iteration: Callable[["Instance", str], None] | None = None  # called as an iteration starts
+        self.max_horizon: int | None = None   # cap on decode iterations advanced as one event
+        self.model_version = 0          # version of the weights it serves (set by training / weight sync)
+        self.lender = None              # a co-runner holding borrowed KV blocks (Harli), with reclaim(inst)
+        self.lent_blocks = 0
 
     # ------------------------------------------------------------------ intake
     def _work(self, r: Request) -> int:
@@ -147,19 +158,104 @@ class Instance:
             self._complete_iteration(self._plan, now)
         elif state == _HORIZON:
             self._advance_running(self._h_ends, self._h_n, self._started)
+        self._state = _WAKING   # planning: a rate change now only sets the rate
         self._started = now
         if self._fast and self.running and not self.prefilling and self._admission_blocked():
             n = self._safe_decode_iterations()
+            if self.max_horizon is not None and n > self.max_horizon:
+                n = self.max_horizon
             if n > 0:
+                if self._computes or self.on_iteration is not None:
+                    self._begin("decode")
                 self._start_horizon(n, now)
                 return
         plan = self._plan_iteration()
         if plan is None:
             self._state = _IDLE
+            if self._kind is not None:
+                self._begin(None)
             return
+        if self._computes or self.on_iteration is not None:
+            self._begin("prefill" if plan[1] else "decode")
         self._state = _BUSY
         self._plan = plan
-        At(self.env, now + plan[0]).callbacks.append(self._boundary)
+        rate = self.rate
+        self._end = now + (plan[0] if rate == 1.0 else plan[0] / rate)
+        self._arm_timer(self._end)
+
+    # ------------------------------------------------------------------ co-location
+    def attach(self, computes: list) -> None:
+        """Run on these GPUs' shared compute: tell them what runs, take the rate they give."""
+        self._computes = list(computes)
+
+    def _begin(self, kind: str | None) -> None:
+        if kind != self._kind:
+            self._kind = kind
+            for c in self._computes:
+                c.set_resident(self, kind)
+        if kind is not None and self.on_iteration is not None:
+            self.on_iteration(self, kind)
+
+    def set_rate(self, gpu: int, rate: float) -> None:
+        """GPU ``gpu`` now gives this instance ``rate``; the instance runs at the slowest of its GPUs'.
+        The iteration in progress keeps the work it has done and finishes the rest at the new rate;
+        a decode run is cut after it."""
+        rates = self._gpu_rates
+        if rates.get(gpu) == rate:
+            return
+        rates[gpu] = rate
+        new = min(rates.values())
+        old = self.rate
+        if new == old:
+            return
+        self.rate = new
+        now = self.env.now
+        if self._state == _BUSY:
+            end = self._end
+            if end > now:
+                self._end = now + (end - now) * old / new
+                self._arm_timer(self._end)
+        elif self._state == _HORIZON:
+            ends = self._h_ends
+            c = int(ends.searchsorted(now))   # the iteration in progress (or ending exactly now)
+            if c >= self._h_n:
+                return
+            end = ends.item(c)
+            if end > now:
+                ends[c] = now + (end - now) * old / new
+            self._h_n = c + 1
+            self._cut = True
+            self._arm_timer(ends.item(c))
+
+    def lendable_blocks(self) -> int:
+        """Free KV blocks a co-runner may borrow now: all but the watermark and one block per running
+        sequence (room for the next iteration of a decode run that is cut at its next boundary)."""
+        return max(0, self.free_blocks - self.watermark_blocks - len(self.running) - len(self.prefilling))
+
+    def lend(self, n: int) -> None:
+        if not 0 <= n <= self.lendable_blocks():
+            raise ValueError(f"instance {self.index}: cannot lend {n} KV blocks ({self.lendable_blocks()} lendable)")
+        self.free_blocks -= n
+        self.lent_blocks += n
+        if self._state == _HORIZON and not self._cut:
+            # The decode run's block-safe length assumed the old free count: cut it unless the whole
+            # run still fits (its growth is charged to free_blocks only when it ends; each sequence
+            # needs at most ceil(iterations / block_size) new blocks).
+            if self.free_blocks < len(self.running) * -(-self._h_n // self.bs):
+                self._notify()
+
+    def give_back(self, n: int) -> None:
+        if not 0 <= n <= self.lent_blocks:
+            raise ValueError(f"instance {self.index}: {n} KV blocks given back, {self.lent_blocks} lent")
+        self.free_blocks += n
+        self.lent_blocks -= n
+        if self.waiting:
+            self._notify()
+
+    def _reclaim(self) -> None:
+        """Decode has priority: take back every lent block (the borrower gives them back at once)."""
+        if self.lent_blocks and self.lender is not None:
+            self.lender.reclaim(self)
 
     # ------------------------------------------------------------------ planning one iteration
     def _admission_blocked(self) -> bool:
@@ -179,7 +275,7 @@ class Instance:
             need = self.blocks_for(target)
         else:
             need = self.blocks_for(r.kv_len)
-        return self.free_blocks - need < self.watermark_blocks
+        return self.free_blocks + self.lent_blocks - need < self.watermark_blocks
 
     def _admit(self, budget: int) -> list[tuple[Request, int]]:
         """Admit waiting requests FCFS; returns the (request, prefill chunk) pairs to run now."""
@@ -198,13 +294,17 @@ class Instance:
             else:
                 need = self.blocks_for(r.kv_len)
             if self.free_blocks - need < self.watermark_blocks:
-                break
+                if self.lent_blocks:
+                    self._reclaim()
+                if self.free_blocks - need < self.watermark_blocks:
+                    break
             waiting.popleft()
             self.free_blocks -= need
             r.kv_blocks = need
             seqs += 1
             if r.scheduled_s is None:
                 r.scheduled_s = self.env.now
+                r.model_version = self.model_version
             if r.needs_prefill:
                 r.prefill_done = 0
                 self.prefilling.append(r)
@@ -222,6 +322,8 @@ class Instance:
         while i < len(running):
             r = running[i]
             if r.kv_len + 1 > r.kv_blocks * bs:
+                if self.free_blocks == 0 and self.lent_blocks:
+                    self._reclaim()
                 while self.free_blocks == 0:
                     victim = running[-1]
                     self._preempt(victim)
@@ -372,6 +474,8 @@ class Instance:
         buf = np.empty(n + 1)
         buf[0] = start
         self.cost.decode_run_s(len(self.running), self.kv_total, buf[1:])
+        if self.rate != 1.0:
+            buf[1:] /= self.rate
         buf.cumsum(out=buf)  # the same left-to-right sum as one iteration after another
         self._h_ends, self._h_n = buf[1:], n
         self._state, self._cut = _HORIZON, False

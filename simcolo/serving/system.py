@@ -27,11 +27,13 @@ class ServingLayout:
     gpu_memory_utilization: float
     num_gpu_blocks_override: int | None
 
-    def kv_budget(self, model: ModelSpec, gpu: GPUSpec, batching: BatchingConfig) -> KVBudget:
+    def kv_budget(self, model: ModelSpec, gpu: GPUSpec, batching: BatchingConfig, reserved_bytes: float = 0.0,
+                  reserved_for: str = "") -> KVBudget:
         """Memory per GPU of one instance; raises ConfigError if the model does not fit."""
         batching.validate(model.max_context_len)
         return kv_budget(model, gpu, self.tp, batching.block_size, self.gpu_memory_utilization,
-                         batching.max_batched_tokens, batching.max_num_seqs, self.num_gpu_blocks_override)
+                         batching.max_batched_tokens, batching.max_num_seqs, self.num_gpu_blocks_override,
+                         reserved_bytes, reserved_for)
 
     @classmethod
     def from_cfg(cls, cfg) -> "ServingLayout":
@@ -48,16 +50,19 @@ class ServingLayout:
 
 class ServingSystem:
     def __init__(self, env: SimEnvironment, cluster: Cluster, model: ModelSpec, cost, layout: ServingLayout,
-                 batching: BatchingConfig, policy: RoutingPolicy, on_done, itl):
+                 batching: BatchingConfig, policy: RoutingPolicy, on_done, itl, first_gpu: int = 0,
+                 reserved_bytes: float = 0.0, reserved_for: str = ""):
+        """``first_gpu``: instances take GPUs from there on (isolated layouts train on the others);
+        ``reserved_bytes``: per GPU, kept out of the KV cache for co-located training."""
         self.env, self.cluster, self.model, self.policy = env, cluster, model, policy
         self._on_done = on_done
         self.arrived = 0
         self.done = 0
         self.in_transfer: dict[int, Request] = {}
-        self.kv_budget = budget = layout.kv_budget(model, cluster.spec, batching)
+        self.kv_budget = budget = layout.kv_budget(model, cluster.spec, batching, reserved_bytes, reserved_for)
         tp = layout.tp
         if layout.mode == "colocated":
-            count = layout.num_instances or len(cluster.gpus) // tp
+            count = layout.num_instances or (len(cluster.gpus) - first_gpu) // tp
             if count < 1:
                 raise ConfigError(f"serving.tp={tp} needs more GPUs than the cluster's {len(cluster.gpus)}")
             roles = ["both"] * count
@@ -66,7 +71,7 @@ class ServingSystem:
                 raise ConfigError("serving.prefill_instances and serving.decode_instances must be >= 1 "
                                   "with serving.mode=disaggregated")
             roles = ["prefill"] * layout.prefill_instances + ["decode"] * layout.decode_instances
-        groups = cluster.allocate_groups(len(roles), tp)
+        groups = cluster.allocate_groups(len(roles), tp, first_gpu)
         self.instances: list[Instance] = []
         for i, (role, gpus) in enumerate(zip(roles, groups)):
             for g in gpus:
@@ -78,13 +83,17 @@ class ServingSystem:
                                            self._finished, itl, self._prefilled))
         self.entry = [x for x in self.instances if x.role != "decode"]
         self.decoders = [x for x in self.instances if x.role == "decode"]
+        self.entry_views: list = self.entry     # what the policy sees of them (co-located nodes wrap them)
+        self.on_dispatch = None                 # called with (request, instance) after routing
 
     # -------------------------------------------------------------- request flow
     def dispatch(self, r: Request) -> None:
         """A request arrives: the policy picks the (prefill) instance."""
         self.arrived += 1
-        inst = self.entry[self.policy.route(r, self.entry, self.env.now)]
+        inst = self.entry[self.policy.route(r, self.entry_views, self.env.now)]
         r.prefill_instance = inst.index
+        if self.on_dispatch is not None:
+            self.on_dispatch(r, inst)
         inst.enqueue(r)
 
     def _prefilled(self, r: Request, src: Instance) -> None:

@@ -76,7 +76,7 @@ def run_step(env: SimEnvironment, stages: list[StageSpec], schedule: list[list[O
             start = env.now
             if op.kind == "F":
                 if spec.memory is not None:
-                    spec.memory.allocate("activations", spec.activation_bytes)
+                    spec.memory.allocate("train_activations", spec.activation_bytes)
                 held += spec.activation_bytes
                 result.peak_activation_bytes[s] = max(result.peak_activation_bytes[s], held)
                 yield spec.compute.run("train_forward", spec.forward_s)
@@ -87,7 +87,7 @@ def run_step(env: SimEnvironment, stages: list[StageSpec], schedule: list[list[O
             else:
                 yield spec.compute.run("train_backward", spec.backward_s)
                 if spec.memory is not None:
-                    spec.memory.release("activations", spec.activation_bytes)
+                    spec.memory.release("train_activations", spec.activation_bytes)
                 held -= spec.activation_bytes
                 if s > 0:
                     send(inputs[s - 1][("B", op.micro_batch)], link_s)

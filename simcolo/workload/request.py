@@ -24,6 +24,7 @@ class Request:
     first_token_s: float | None = None
     finish_s: float | None = None
     preemptions: int = 0
+    model_version: int = -1       # version of the weights that served it (optimizer steps applied), -1: none
     status: str = "pending"       # "finished" or the reason it did not finish
     # --- progress bookkeeping used by the serving model ---
     generated: int = 0            # output tokens produced so far

@@ -1,0 +1,71 @@
+"""A co-located node as a policy sees it: the serving instance and the training pipeline on its GPUs."""
+from __future__ import annotations
+
+import math
+
+
+class RunningStats:
+    """Count, mean and standard deviation, updated one value at a time (Welford)."""
+
+    __slots__ = ("n", "mean", "_m2")
+
+    def __init__(self):
+        self.n, self.mean, self._m2 = 0, 0.0, 0.0
+
+    def add(self, x: float) -> None:
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self._m2 += d * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self._m2 / (self.n - 1)) if self.n > 1 else 0.0
+
+
+class Node:
+    """Implements ``policies.base.NodeView`` over a simulated instance and pipeline."""
+
+    def __init__(self, index: int, instance, pipeline, prefill_s_per_token: float):
+        self.index = index
+        self.instance, self.pipeline = instance, pipeline
+        self.role = instance.role
+        self.num_blocks = instance.num_blocks
+        self.num_stages = pipeline.S
+        self.last_arrival_s = -math.inf
+        self._stats = (RunningStats(), RunningStats())   # requests, training
+        self._per_token = prefill_s_per_token
+
+    # InstanceView
+    def outstanding_tokens(self, now: float) -> int:
+        return self.instance.outstanding_tokens(now)
+
+    def kv_blocks_used(self, now: float) -> int:
+        return self.instance.kv_blocks_used(now)
+
+    # NodeView
+    def stage_backlog_s(self, stage: int) -> float:
+        return self.pipeline.stage_backlog_s(stage)
+
+    def serving_wait_s(self, now: float) -> float:
+        """Queued prompt tokens times the prefill cost per token (past 64 queued requests, the rest of
+        the queue is counted at the first 64's mean length, to keep this O(1) in long queues)."""
+        waiting = self.instance.waiting
+        n = len(waiting)
+        if n <= 64:
+            tokens = sum(r.prompt_tokens for r in waiting)
+        else:
+            head = sum(waiting[i].prompt_tokens for i in range(64))
+            tokens = head * n / 64
+        return tokens * self._per_token
+
+    def serving_rate(self) -> float:
+        return self.instance.rate
+
+    def length_stats(self, training: bool) -> tuple[int, float, float]:
+        s = self._stats[1 if training else 0]
+        return s.n, s.mean, s.std
+
+    def placed(self, now: float, length: float, training: bool) -> None:
+        self.last_arrival_s = now
+        self._stats[1 if training else 0].add(length)

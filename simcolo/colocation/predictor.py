@@ -1,0 +1,86 @@
+"""Cost predictions for policies, from the simulator's tables (the live backend provides the same
+methods from its own calibration)."""
+from __future__ import annotations
+
+import math
+
+
+class SimPredictor:
+    def __init__(self, cost, training_costs, interference, model, cfg_training, ttft_slo_s: float,
+                 tpot_slo_s: float, block_bytes: float = 0.0):
+        self.cost, self.tc, self.interference = cost, training_costs, interference
+        self.model = model
+        self.ttft_slo_s, self.tpot_slo_s = ttft_slo_s, tpot_slo_s
+        self.block_bytes = block_bytes
+        self.micro_batch = int(cfg_training["micro_batch"])
+        self.seq_len = int(cfg_training["seq_len"])
+        self.rank = int(cfg_training["rank"])
+        self.checkpointing = bool(cfg_training["activation_checkpointing"])
+        self._stage_cache: dict[tuple[int, str], list[float]] = {}
+        self._lora_cache: dict[tuple[int, int], float] = {}
+        self._lora_act_per_seq = None
+        self._sd: dict[float | None, tuple[float, float]] = {}
+
+    # ---------------------------------------------------------------- pipelines (full training)
+    def stage_costs(self, num_stages: int, phase: str) -> list[float]:
+        """Per-stage solo seconds of one task's ``phase``; with activation checkpointing a backward
+        recomputes its forward first."""
+        key = (num_stages, phase)
+        v = self._stage_cache.get(key)
+        if v is None:
+            v = [self.tc.stage_s(num_stages, s, phase, self.micro_batch, self.seq_len) for s in range(num_stages)]
+            if phase == "backward" and self.checkpointing:
+                v = [b + f for b, f in zip(v, self.stage_costs(num_stages, "forward"))]
+            self._stage_cache[key] = v
+        return v
+
+    def task_forward_s(self, num_stages: int) -> list[float]:
+        return self.stage_costs(num_stages, "forward")
+
+    def task_backward_s(self, num_stages: int) -> list[float]:
+        return self.stage_costs(num_stages, "backward")
+
+    def request_prefill_s(self, prompt_tokens: int) -> float:
+        return self.cost.prefill_s(prompt_tokens, 1)
+
+    # ---------------------------------------------------------------- decode + finetune (Harli)
+    def decode_solo_s(self, batch: int, kv_tokens: int) -> float:
+        return self.cost.decode_s(batch, kv_tokens)
+
+    def decode_slowdown(self, share: float | None) -> float:
+        """Stage two of the decode predictor: the co-run slowdown beside LoRA at ``share``."""
+        sd = self._sd.get(share)
+        if sd is None:
+            sd = self._sd[share] = self.interference.slowdown("decode", "lora", share)
+        return sd[0]
+
+    def decode_corun_s(self, batch: int, kv_tokens: int, share: float | None) -> float:
+        """Stage one: the solo decode iteration; stage two: its slowdown beside LoRA at ``share``."""
+        return self.decode_solo_s(batch, kv_tokens) * self.decode_slowdown(share)
+
+    def lora_rate(self, share: float | None) -> float:
+        self.decode_slowdown(share)
+        return 1.0 / self._sd[share][1]
+
+    def lora_step_s(self, micro_batch: int, seq_len: int) -> float:
+        key = (micro_batch, seq_len)
+        v = self._lora_cache.get(key)
+        if v is None:
+            v = self._lora_cache[key] = (self.tc.lora_s(self.rank, "forward", micro_batch, seq_len)
+                                         + self.tc.lora_s(self.rank, "backward", micro_batch, seq_len))
+        return v
+
+    def lora_optimizer_s(self) -> float:
+        return self.tc.lora_s(self.rank, "optimizer", 1, self.seq_len)
+
+    def set_lora_activation(self, bytes_per_sequence: float) -> None:
+        self._lora_act_per_seq = bytes_per_sequence
+
+    def lora_blocks(self, micro_batch: int, seq_len: int) -> int:
+        if micro_batch <= 0:
+            return 0
+        return math.ceil(micro_batch * self._lora_act_per_seq * seq_len / self.seq_len / self.block_bytes)
+
+    def lora_max_micro_batch(self, blocks: int) -> int:
+        per = self._lora_act_per_seq / self.block_bytes
+        return int(blocks // math.ceil(per)) if per > 0 else 0

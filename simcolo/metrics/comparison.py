@@ -1,0 +1,326 @@
+"""Policies side by side: the runs of one Hydra multirun directory, compared.
+
+``simcolo -m policy=a,b ...`` writes one job directory per run (``multirun/<date>/<time>/<n>/``).
+:func:`load_runs` reads their ``summary.json`` files into one table, :func:`comparison_table` turns it
+into the side-by-side view (runs as columns, metrics as rows), :func:`write_report` writes
+``comparison.csv``, ``comparison.md`` and the comparison plots into the multirun directory, and
+:class:`ComparisonCallback` does that at the end of every sweep (``conf/hydra/callbacks/compare.yaml``).
+
+By hand, e.g. after a sweep that stopped on a failed job::
+
+    python -m simcolo.metrics.comparison multirun/<date>/<time>
+
+Summary keys a run does not have (training metrics of serving-only runs) are NaN; a job directory
+without ``summary.json`` (failed or still running) is listed in ``df.attrs["incomplete"]`` with a
+warning, never dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import yaml
+
+from simcolo.errors import SimcoloError
+from simcolo.metrics.io import atomic_path
+
+try:  # hydra is a dependency; keep the module importable for plain analysis without it anyway
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object
+
+DEFAULT_KEYS: tuple[str, ...] = (
+    "slo_attainment", "goodput_rps", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+    "train_tokens_per_s", "train_samples_per_s", "optimizer_steps", "inference_loss_mean", "bubble_rate",
+    "lemix_throughput_tasks_per_s", "gpu_utilization_mean",
+)
+# Keys of co-located runs that serving-only runs lack: always present as columns (NaN where missing).
+OPTIONAL_KEYS: tuple[str, ...] = (
+    "train_tokens_per_s", "train_samples_per_s", "optimizer_steps", "inference_loss_mean", "bubble_rate",
+    "lemix_throughput_tasks_per_s", "gpu_utilization_mean", "slo_attainment_1x", "slo_attainment_5x",
+    "slo_attainment_10x", "training_kind",
+)
+_META = ("job", "label", "overrides", "run_dir")
+REPORT_FILES = ("comparison.csv", "comparison.md", "comparison_pareto.png", "comparison_latency_cdf.png",
+                "comparison_utilization.png")
+
+
+class NoRunsError(SimcoloError, FileNotFoundError):
+    """The directory holds no (completed) job directories of a Hydra multirun."""
+
+
+class IncompleteRunsWarning(UserWarning):
+    """Some job directories of the multirun have no summary.json (the job failed or is still running)."""
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _job_dirs(root: Path) -> list[Path]:
+    """Subdirectories that are Hydra jobs: named by the job number (Hydra's default subdir), or holding
+    a ``.hydra/`` or a ``summary.json``."""
+    out = []
+    for d in root.iterdir():
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if d.name.isdigit() or (d / ".hydra").is_dir() or (d / "summary.json").is_file():
+            out.append(d)
+    return out
+
+
+def _job_number(d: Path) -> int | None:
+    if d.name.isdigit():
+        return int(d.name)
+    hydra_yaml = d / ".hydra" / "hydra.yaml"
+    if hydra_yaml.is_file():
+        try:
+            num = (yaml.safe_load(hydra_yaml.read_text()) or {}).get("hydra", {}).get("job", {}).get("num")
+            return int(num) if num is not None else None
+        except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+            return None
+    return None
+
+
+def _overrides(d: Path) -> list[str]:
+    path = d / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    loaded = yaml.safe_load(path.read_text()) or []
+    return [str(o) for o in loaded] if isinstance(loaded, list) else [str(loaded)]
+
+
+def _labels(policies: Sequence[Any], overrides: Sequence[list[str]], jobs: Sequence[int]) -> list[str]:
+    """Column names of the side-by-side view: the policy when each run has its own, else the overrides
+    that differ between runs (``job <n>`` where nothing tells runs apart)."""
+    names = [str(p) for p in policies]
+    if names and all(p not in ("", "nan", "None") for p in names) and len(set(names)) == len(names):
+        return names
+    common = set.intersection(*(set(o) for o in overrides)) if len(overrides) > 1 else set()
+    labels = []
+    for p, o, j in zip(names, overrides, jobs):
+        varying = [x for x in o if x not in common]
+        labels.append(" ".join(varying) or (p if p not in ("", "nan", "None") else f"job {j}"))
+    seen: dict[str, int] = {}
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+    return [f"{label} (job {j})" if seen[label] > 1 else label for label, j in zip(labels, jobs)]
+
+
+def load_runs(multirun_dir: str | Path) -> pd.DataFrame:
+    """One row per completed job of the multirun at ``multirun_dir`` (sorted by job number).
+
+    Columns: every summary key (NaN where a run lacks it; :data:`OPTIONAL_KEYS` always present), plus
+    ``job`` (int), ``run_dir`` (str), ``overrides`` (the job's overrides joined by spaces) and
+    ``label`` (its column name in :func:`comparison_table`). Job directories without ``summary.json``
+    are listed (as paths) in ``df.attrs["incomplete"]`` and named in an :class:`IncompleteRunsWarning`.
+    Raises :class:`NoRunsError` (a ``FileNotFoundError``) if the directory is missing, has no job
+    directories, or none of them completed.
+    """
+    root = Path(multirun_dir)
+    if not root.is_dir():
+        raise NoRunsError(f"multirun directory {root} does not exist (expected the sweep directory of "
+                          f"`simcolo -m ...`, e.g. multirun/<date>/<time>)")
+    dirs = _job_dirs(root)
+    if not dirs:
+        raise NoRunsError(f"no job directories in {root}: expected the sweep directory of `simcolo -m ...` "
+                          f"(e.g. multirun/<date>/<time>) holding one directory per job (0/, 1/, ...) "
+                          f"with a summary.json each")
+    jobs = []
+    for d in dirs:
+        num = _job_number(d)
+        jobs.append((num if num is not None else math.inf, d.name, d))
+    jobs.sort(key=lambda t: (t[0], t[1]))
+
+    rows, incomplete = [], []
+    for i, (num, _, d) in enumerate(jobs):
+        summary_path = d / "summary.json"
+        if not summary_path.is_file():
+            incomplete.append(str(d))
+            continue
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{summary_path} is not valid JSON: {exc}") from exc
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_path} must hold a JSON object of summary keys")
+        ov = _overrides(d)
+        rows.append({**summary, "job": int(num) if num != math.inf else i, "run_dir": str(d),
+                     "overrides": " ".join(ov), "_override_list": ov})
+    if incomplete:
+        warnings.warn(f"{len(incomplete)} of {len(jobs)} job directories in {root} have no summary.json "
+                      f"(the job failed or is still running) and are left out: {', '.join(incomplete)}",
+                      IncompleteRunsWarning, stacklevel=2)
+    if not rows:
+        raise NoRunsError(f"no completed runs in {root}: none of its {len(jobs)} job directories has a "
+                          f"summary.json ({', '.join(incomplete)})")
+
+    df = pd.DataFrame(rows)
+    for key in OPTIONAL_KEYS:
+        if key not in df.columns:
+            df[key] = float("nan")
+    policies = df["policy"] if "policy" in df.columns else [""] * len(df)
+    df["label"] = _labels(list(policies), list(df["_override_list"]), list(df["job"]))
+    df = df.drop(columns="_override_list")
+    df["job"] = df["job"].astype("int64")
+    df = df[list(_META) + [c for c in df.columns if c not in _META]].reset_index(drop=True)
+    df.attrs["incomplete"] = incomplete
+    df.attrs["multirun_dir"] = str(root)
+    return df
+
+
+# ------------------------------------------------------------------------------ the side-by-side view
+def comparison_table(df: pd.DataFrame, keys: Sequence[str] = DEFAULT_KEYS) -> pd.DataFrame:
+    """Runs as columns (named by policy, or by the overrides that differ), ``keys`` as rows, in order.
+
+    Rows that are NaN for every run (training metrics of serving-only sweeps) are left out.
+    """
+    if "label" in df.columns:
+        labels = list(df["label"])
+    else:
+        policies = df["policy"] if "policy" in df.columns else [""] * len(df)
+        overrides = [str(o).split() for o in df.get("overrides", [""] * len(df))]
+        jobs = list(df["job"]) if "job" in df.columns else list(range(len(df)))
+        labels = _labels(list(policies), overrides, jobs)
+    data = {key: (list(df[key]) if key in df.columns else [float("nan")] * len(df)) for key in keys}
+    table = pd.DataFrame(data, index=pd.Index(labels, name="run")).T
+    table.index.name = "metric"
+    table = table[~table.isna().all(axis=1)]
+    return table.infer_objects()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(v):
+        return "-"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 10 and v.is_integer():  # counts (optimizer steps, requests)
+        return f"{v:.0f}"
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.3f}"
+    return f"{v:.4f}"
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Fixed-width text of a :func:`comparison_table` (what the sweep prints at its end)."""
+    cells = [[_cell(v) for v in row] for row in table.itertuples(index=False)]
+    cols = [str(c) for c in table.columns]
+    first = max([len("metric"), *(len(str(i)) for i in table.index)])
+    widths = [max(len(c), *(len(r[j]) for r in cells)) if cells else len(c) for j, c in enumerate(cols)]
+    lines = ["metric".ljust(first) + "".join(f"  {c:>{w}}" for c, w in zip(cols, widths))]
+    for name, row in zip(table.index, cells):
+        lines.append(str(name).ljust(first) + "".join(f"  {v:>{w}}" for v, w in zip(row, widths)))
+    return "\n".join(lines)
+
+
+def _markdown(table: pd.DataFrame, df: pd.DataFrame) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    cols = [esc(str(c)) for c in table.columns]
+    lines = [f"# Comparison of {len(df)} runs: {df.attrs.get('multirun_dir', '')}".rstrip(": "), "",
+             "| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, row in zip(table.index, table.itertuples(index=False)):
+        lines.append(f"| {esc(str(name))} | " + " | ".join(esc(_cell(v)) for v in row) + " |")
+    lines += ["", "| run | job | overrides | directory |", "|---|---:|---|---|"]
+    for r in df.itertuples(index=False):
+        lines.append(f"| {esc(str(r.label))} | {r.job} | {esc(str(r.overrides)) or '-'} | {esc(str(r.run_dir))} |")
+    incomplete = df.attrs.get("incomplete") or []
+    if incomplete:
+        lines += ["", f"Incomplete jobs (no summary.json, left out): {', '.join(incomplete)}"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ report
+def write_report(multirun_dir: str | Path, plots: bool = True) -> list[Path]:
+    """Write ``comparison.csv`` (all runs, all summary keys), ``comparison.md`` (the side-by-side table)
+    and, with ``plots``, ``comparison_{pareto,latency_cdf,utilization}.png`` into ``multirun_dir``.
+
+    Each file is written atomically. Returns the paths written.
+    """
+    return _write_report(load_runs(multirun_dir), Path(multirun_dir), plots)
+
+
+def _write_report(df: pd.DataFrame, root: Path, plots: bool) -> list[Path]:
+    paths = [root / "comparison.csv", root / "comparison.md"]
+    with atomic_path(paths[0]) as tmp:
+        df.to_csv(tmp, index=False)
+    with atomic_path(paths[1]) as tmp:
+        tmp.write_text(_markdown(comparison_table(df), df))
+    if plots:
+        from simcolo.metrics.comparison_plots import latency_cdfs, pareto, utilization_timelines
+
+        for name, draw in (("comparison_pareto.png", pareto), ("comparison_latency_cdf.png", latency_cdfs),
+                           ("comparison_utilization.png", utilization_timelines)):
+            draw(df, root / name)
+            paths.append(root / name)
+    return paths
+
+
+def _report(multirun_dir: str | Path, plots: bool, quiet: bool) -> list[Path]:
+    with warnings.catch_warnings():
+        if not quiet:  # the incomplete jobs are named in the table's title line instead
+            warnings.simplefilter("ignore", IncompleteRunsWarning)
+        df = load_runs(multirun_dir)
+    paths = _write_report(df, Path(multirun_dir), plots)
+    if not quiet:
+        incomplete = df.attrs["incomplete"]
+        print(f"\ncomparison of {len(df)} run{'s' if len(df) != 1 else ''} in {multirun_dir}"
+              + (f" ({len(incomplete)} incomplete jobs left out: {', '.join(incomplete)})" if incomplete else "")
+              + ":")
+        print(format_table(comparison_table(df)))
+        print(f"comparison: {', '.join(str(p) for p in paths)}")
+    return paths
+
+
+class ComparisonCallback(_HydraCallback):
+    """Hydra callback: at the end of every multirun, write the comparison report into the sweep
+    directory and print the side-by-side table (unless ``metrics.quiet``).
+
+    Registered by ``conf/hydra/callbacks/compare.yaml``. Hydra turns an exception raised here into a
+    warning, so a report that cannot be written never fails the sweep. A sweep stopped by a failed job
+    never reaches ``on_multirun_end``: run ``python -m simcolo.metrics.comparison <sweep dir>`` then.
+    """
+
+    def __init__(self, plots: bool = True) -> None:
+        self.plots = bool(plots)
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        quiet = bool(OmegaConf.select(config, "metrics.quiet", default=False))
+        _report(str(config.hydra.sweep.dir), self.plots, quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m simcolo.metrics.comparison DIR [--no-plots]``: the report of a finished sweep."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    dirs = [a for a in args if a != "--no-plots"]
+    if len(dirs) != 1:
+        print("usage: python -m simcolo.metrics.comparison MULTIRUN_DIR [--no-plots]", file=sys.stderr)
+        return 2
+    try:
+        _report(dirs[0], plots="--no-plots" not in args, quiet=False)
+    except (NoRunsError, ValueError) as exc:
+        print(f"simcolo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Harli (arXiv 2511.11729) and its co-location baselines: LoRA finetuning on the decode GPUs of a
+prefill/decode disaggregated deployment.
+
+* ``harli`` — per decode iteration, search the decode SM share (0.1 ... 0.9) and the finetune
+  micro-batch (1 ... ``max_micro_batch``, as memory allows) that maximise finetune throughput
+  ``mb * seq_len / (lora_step_s(mb) / lora_rate(share))`` (separable: the best mb is the most
+  token-efficient one that fits, the best share the feasible one with the highest finetune rate)
+  subject to the two-stage prediction
+  ``decode_corun_s(B, kv + B * lookahead, share) <= TPOT SLO`` (stage one: the solo decode table at the
+  batch's KV, looked ahead by the iterations a decode run may take before the next re-plan; stage two:
+  the interference table's decode slowdown at that share beside LoRA). No feasible share: finetuning
+  stops (a running micro-batch is aborted and recomputed later). Unified memory with decode priority.
+* ``static_share`` — a fixed decode share and micro-batch, no latency check, and a static memory
+  carve-out that decode cannot reclaim (the usual way to co-locate without Harli's parts).
+* ``flexllm`` — token-level interleaving in the style of FlexLLM, modelled as co-running on plain
+  streams (no SM partition) with the same QoS gate and unified memory: finetuning runs only while the
+  predicted co-run decode latency meets the TPOT SLO.
+
+Decisions: the decode-side slowdown does not depend on the micro-batch size (the table measures one
+finetune shape; a kernel's instantaneous contention does not grow with its length); the micro-batch
+is bounded by memory and ``max_micro_batch``; ties go to the larger decode share.
+"""
+from __future__ import annotations
+
+from simcolo.policies.base import FinetunePolicy
+from simcolo.policies.least_outstanding import least_outstanding
+
+SHARES = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+class _FinetuneBase(FinetunePolicy):
+    def __init__(self, cfg, rng=None):
+        super().__init__(cfg, rng)
+        self.max_micro_batch = int(cfg["max_micro_batch"])
+        self.lookahead = int(cfg["lookahead_iterations"])
+
+    def route(self, request, instances, now):
+        return least_outstanding(instances, now)
+
+    def _mb_limit(self, state, predictor) -> int:
+        blocks = state.lendable_blocks + state.held_blocks
+        return min(self.max_micro_batch, predictor.lora_max_micro_batch(blocks))
+
+    def _kv(self, state) -> int:
+        return state.decode_kv_tokens + state.decode_batch * self.lookahead
+
+
+class Harli(_FinetuneBase):
+    name = "harli"
+
+    def __init__(self, cfg, rng=None):
+        super().__init__(cfg, rng)
+        self._best_mb: dict[int, int] = {}
+
+    def _most_efficient_micro_batch(self, predictor, mb_max: int) -> int:
+        """argmax over mb <= mb_max of tokens per solo second (the share scales every mb alike)."""
+        best = self._best_mb.get(mb_max)
+        if best is None:
+            seq = predictor.seq_len
+            rates = [mb * seq / predictor.lora_step_s(mb, seq) for mb in range(1, mb_max + 1)]
+            best = self._best_mb[mb_max] = max(range(mb_max), key=lambda i: (rates[i], i)) + 1
+        return best
+
+    def plan_finetune(self, state, predictor, running_micro_batch):
+        mb = running_micro_batch or self._mb_limit(state, predictor)
+        if mb <= 0:
+            return None, 0, 0.0
+        if state.decode_batch == 0:
+            return None, (mb if running_micro_batch else self._most_efficient_micro_batch(predictor, mb)), 0.0
+        solo = predictor.decode_solo_s(state.decode_batch, self._kv(state))
+        slo = predictor.tpot_slo_s
+        # finetune throughput ~ lora_rate(share): the first feasible share in decreasing-rate order
+        for share, slowdown in self._by_rate(predictor):
+            predicted = solo * slowdown
+            if predicted <= slo:
+                if not running_micro_batch:
+                    mb = self._most_efficient_micro_batch(predictor, mb)
+                return share, mb, predicted
+        return None, 0, solo * predictor.decode_slowdown(SHARES[-1])
+
+    def _by_rate(self, predictor) -> list[tuple[float, float]]:
+        """(share, decode slowdown) ordered by finetune rate, highest first (ties: larger decode share)."""
+        order = getattr(self, "_order", None)
+        if order is None:
+            ranked = sorted(SHARES, key=lambda sh: (-predictor.lora_rate(sh), -sh))
+            order = self._order = [(sh, predictor.decode_slowdown(sh)) for sh in ranked]
+        return order
+
+
+class StaticShare(_FinetuneBase):
+    name = "static_share"
+    static_memory = True
+
+    def __init__(self, cfg, rng=None):
+        super().__init__(cfg, rng)
+        self.share = float(cfg["decode_share"])
+
+    def plan_finetune(self, state, predictor, running_micro_batch):
+        mb = running_micro_batch or self.max_micro_batch
+        share = self.share if state.decode_batch else None
+        predicted = predictor.decode_corun_s(state.decode_batch, self._kv(state), share) if state.decode_batch else 0.0
+        return share, mb, predicted
+
+
+class FlexLLM(_FinetuneBase):
+    name = "flexllm"
+
+    def plan_finetune(self, state, predictor, running_micro_batch):
+        mb = running_micro_batch or self._mb_limit(state, predictor)
+        if mb <= 0:
+            return None, 0, 0.0
+        if state.decode_batch == 0:
+            return None, mb, 0.0
+        predicted = predictor.decode_corun_s(state.decode_batch, self._kv(state), None)
+        if predicted > predictor.tpot_slo_s:
+            return None, 0, predicted
+        return None, mb, predicted

@@ -1,0 +1,17 @@
+"""Isolated: a fixed split of the GPUs, some serve and some train (``policy.serving_gpus``).
+
+Serving replicas route requests to the instance with the least outstanding tokens and get the
+trained weights only at weight syncs (every ``policy.sync_every`` optimizer steps).
+"""
+from __future__ import annotations
+
+from simcolo.policies.base import RoutingPolicy
+from simcolo.policies.least_outstanding import least_outstanding
+
+
+class Isolated(RoutingPolicy):
+    name = "isolated"
+    layout = "isolated"
+
+    def route(self, request, instances, now):
+        return least_outstanding(instances, now)

@@ -1,0 +1,60 @@
+"""Model freshness as a number: the loss of a model version (optimizer steps applied) on served requests.
+
+``power``: ``final + (initial - final) / (1 + steps / steps_scale) ** exponent`` — a smooth learning
+curve with configurable ends (the default ends are placeholders until a measured curve is used).
+``table``: the ``learning_curve`` table of a calibration directory (``step``, ``loss``), interpolated
+linearly in steps and held at its last value beyond; where the table holds several distributions
+(calibrate/ shifts the data every N steps) the first distribution's segment is used, re-based to step 0.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from simcolo.errors import ConfigError, TableError
+from simcolo.paths import resolve_path
+
+
+class LearningCurve:
+    def __init__(self, steps: np.ndarray | None = None, losses: np.ndarray | None = None, *,
+                 initial: float = 0.0, final: float = 0.0, steps_scale: float = 1.0, exponent: float = 1.0):
+        self._steps, self._losses = steps, losses
+        self.initial, self.final, self.steps_scale, self.exponent = initial, final, steps_scale, exponent
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "LearningCurve":
+        kind = cfg["kind"]
+        if kind == "power":
+            initial, final = float(cfg["initial_loss"]), float(cfg["final_loss"])
+            scale, exponent = float(cfg["steps_scale"]), float(cfg["exponent"])
+            if not (initial >= final >= 0 and scale > 0 and exponent > 0):
+                raise ConfigError("training.learning_curve: expected initial_loss >= final_loss >= 0, "
+                                  f"steps_scale > 0 and exponent > 0; got {initial}, {final}, {scale}, {exponent}")
+            return cls(initial=initial, final=final, steps_scale=scale, exponent=exponent)
+        if kind == "table":
+            return cls.from_table(resolve_path(cfg["path"]))
+        raise ConfigError(f"training.learning_curve.kind '{kind}' is unknown; expected power or table")
+
+    @classmethod
+    def from_table(cls, directory: Path) -> "LearningCurve":
+        path = Path(directory) / "learning_curve.csv"
+        if not path.exists():
+            raise TableError(f"{path}: no learning_curve table (run calibrate/ with learning_curve measured)")
+        df = pd.read_csv(path)
+        missing = {"step", "loss", "distribution"} - set(df.columns)
+        if missing:
+            raise TableError(f"{path}: missing column(s) {sorted(missing)}; expected step, loss, distribution")
+        first = df[df["distribution"] == df["distribution"].min()].sort_values("step")
+        bad = ~np.isfinite(first["loss"].to_numpy(dtype=float))
+        if bad.any():
+            raise TableError(f"{path}: line {int(first.index[bad][0]) + 2}: loss is not a finite number")
+        steps = first["step"].to_numpy(dtype=float)
+        return cls(steps - steps[0], first["loss"].to_numpy(dtype=float))
+
+    def loss(self, steps) -> np.ndarray:
+        s = np.asarray(steps, dtype=float)
+        if self._steps is not None:
+            return np.interp(s, self._steps, self._losses)
+        return self.final + (self.initial - self.final) / (1.0 + s / self.steps_scale) ** self.exponent

@@ -1,0 +1,208 @@
+"""LoRA finetuning inside a decode instance (Harli and its co-location baselines).
+
+One finetuner per decode instance (tp 1). It trains micro-batches of sequences taken from a pool
+shared by all finetuners (the finetune jobs' tasks). Before each micro-batch it asks the policy for a
+plan — the SM share of decode and the micro-batch size (``plan_finetune``) — borrows the micro-batch's
+activation memory from the instance's KV block pool (the unified pool), and runs forward + backward as
+one ``lora`` kernel beside the decode iterations. Every ``global_batch`` micro-batches it runs the
+adapter's optimizer step (the adapter version advances).
+
+Memory (``static_memory`` false, Harli): decode has priority — when decode needs blocks the finetuner
+holds, the instance reclaims them at once; the micro-batch is aborted, its sequences go back to the
+pool and are recomputed later (counted in ``aborted_microbatches``). With ``static_memory`` true (the
+static-share baseline) the blocks are a fixed carve-out that decode cannot reclaim (it preempts
+requests instead). The SM share is re-planned at every decode iteration start (``on_iteration``).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from simcolo.hardware.environment import At
+from simcolo.training.data import TrainTask
+
+
+@dataclass
+class FinetuneState:
+    """What a finetune policy sees of one decode instance (read-only, backend-neutral)."""
+    decode_batch: int
+    decode_kv_tokens: int
+    lendable_blocks: int      # KV blocks it could borrow now (beyond what it holds)
+    held_blocks: int
+    block_bytes: float
+    running_micro_batch: int  # 0 if no micro-batch is running
+
+
+class SequencePool:
+    """The finetune jobs' sequences, FIFO, shared by every finetuner."""
+
+    def __init__(self):
+        self.items: deque[list] = deque()   # [task, sequences left to hand out, sequences unfinished]
+        self.available = 0
+        self.waiters: list = []
+
+    def add(self, task: TrainTask) -> None:
+        self.items.append([task, task.micro_batch, task.micro_batch])
+        self.available += task.micro_batch
+        for w in list(self.waiters):
+            w.wake()
+
+    def take(self, n: int) -> list[list]:
+        """Hand out up to ``n`` sequences; returns [(item, count)]."""
+        out = []
+        for item in self.items:
+            if n == 0:
+                break
+            k = min(n, item[1])
+            if k:
+                item[1] -= k
+                n -= k
+                out.append((item, k))
+        self.available -= sum(k for _, k in out)
+        return out
+
+    def put_back(self, taken) -> None:
+        for item, k in taken:
+            item[1] += k
+            self.available += k
+
+    def finish(self, taken, now: float) -> list[TrainTask]:
+        done = []
+        for item, k in taken:
+            item[2] -= k
+            if item[2] == 0:
+                item[0].finish_s = now
+                done.append(item[0])
+        while self.items and self.items[0][2] == 0:
+            self.items.popleft()
+        return done
+
+
+class LoraFinetuner:
+    def __init__(self, env, instance, gpu, pool: SequencePool, policy, predictor, seq_len: int,
+                 global_batch: int, static_memory: bool, on_task_done, on_step):
+        self.env, self.inst, self.gpu, self.pool = env, instance, gpu, pool
+        self.policy, self.predictor = policy, predictor
+        self.seq_len, self.global_batch, self.static_memory = seq_len, global_batch, static_memory
+        self.on_task_done, self.on_step = on_task_done, on_step
+        self.block_bytes = predictor.block_bytes
+        self.kernel = None
+        self.taken = None
+        self.mb = 0
+        self.held = 0
+        self.micro_batches = 0
+        self.version = 0
+        self.tokens_done = 0
+        self.sequences_done = 0
+        self.aborted_microbatches = 0
+        self.busy_s = 0.0
+        self.plans: list[tuple[float, int, int, float | None, int, float]] = []  # log for checks (bounded)
+        self._wake_pending = False
+        instance.on_iteration = self._on_iteration
+        if not static_memory:
+            instance.lender = self
+        pool.waiters.append(self)
+
+    # ------------------------------------------------------------------ state for the policy
+    def state(self) -> FinetuneState:
+        inst = self.inst
+        return FinetuneState(len(inst.running), inst.kv_total, inst.lendable_blocks(), self.held,
+                             self.block_bytes, self.mb if self.kernel is not None else 0)
+
+    def _log_plan(self, share, mb, predicted) -> None:
+        if len(self.plans) < 100_000:
+            self.plans.append((self.env.now, len(self.inst.running), self.inst.kv_total, share, mb, predicted))
+
+    # ------------------------------------------------------------------ events
+    def wake(self) -> None:
+        if not self._wake_pending and self.kernel is None:
+            self._wake_pending = True
+            At(self.env, self.env.now).callbacks.append(self._woken)
+
+    def _woken(self, _ev) -> None:
+        self._wake_pending = False
+        self._try_start()
+
+    def _on_iteration(self, inst, kind: str) -> None:
+        """A decode iteration (or run) starts: re-plan the SM split for the micro-batch running."""
+        if self.kernel is not None:
+            share, _, predicted = self.policy.plan_finetune(self.state(), self.predictor, self.mb)
+            self._log_plan(share, self.mb, predicted)
+            self.gpu.compute.set_share(share)
+        elif self.pool.available:
+            self.wake()
+
+    def _try_start(self) -> None:
+        if self.kernel is not None or not self.pool.available:
+            return
+        share, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, None)
+        mb = min(mb, self.pool.available)
+        if self.static_memory:
+            need = self.held - self.held  # static carve-out already held (see reserve_static)
+            mb = min(mb, self.predictor.lora_max_micro_batch(self.held))
+        else:
+            need = self.predictor.lora_blocks(mb, self.seq_len)
+            while mb > 0 and need > self.inst.lendable_blocks():
+                mb -= 1
+                need = self.predictor.lora_blocks(mb, self.seq_len)
+        if mb <= 0:
+            return   # woken again at the next decode iteration or when sequences arrive
+        if need:
+            self.inst.lend(need)
+            self.held += need
+        self._log_plan(share, mb, predicted)
+        self.gpu.compute.set_share(share)
+        self.mb = mb
+        self.taken = self.pool.take(mb)
+        work = self.predictor.lora_step_s(mb, self.seq_len)
+        self.kernel = self.gpu.compute.start("lora", work)
+        start = self.env.now
+        kernel = self.kernel
+        kernel.done.callbacks.append(lambda _ev: self._done(kernel, start))
+
+    def reserve_static(self, blocks: int) -> None:
+        """Static-share baseline: carve ``blocks`` out of the KV pool for good."""
+        self.inst.lend(blocks)
+        self.held = blocks
+
+    def _release_blocks(self) -> None:
+        if not self.static_memory and self.held:
+            self.inst.give_back(self.held)
+            self.held = 0
+
+    def _done(self, kernel, start: float) -> None:
+        if kernel is not self.kernel:
+            return
+        now = self.env.now
+        self.busy_s += now - start
+        self.kernel = None
+        self._release_blocks()
+        self.micro_batches += 1
+        self.sequences_done += self.mb
+        self.tokens_done += self.mb * self.seq_len
+        for task in self.pool.finish(self.taken, now):
+            self.on_task_done(task)
+        self.taken = None
+        if self.micro_batches % self.global_batch == 0:
+            opt = self.gpu.compute.start("lora", self.predictor.lora_optimizer_s())
+            opt.done.callbacks.append(lambda _ev: self._stepped(start))
+            self.kernel = opt   # the optimizer step runs before the next micro-batch
+            return
+        self._try_start()
+
+    def _stepped(self, start: float) -> None:
+        self.kernel = None
+        self.version += 1
+        self.on_step(self.version, start, self.env.now)
+        self._try_start()
+
+    def reclaim(self, inst) -> None:
+        """Decode needs the blocks: abort the micro-batch in flight and give every block back now."""
+        if self.kernel is not None and self.taken is not None:
+            self.gpu.compute.cancel(self.kernel)
+            self.pool.put_back(self.taken)
+            self.taken = None
+            self.kernel = None
+            self.aborted_microbatches += 1
+            self.gpu.compute.set_share(None)
+        self._release_blocks()
