@@ -104,4 +104,5 @@ def training_summary(colo, system, sink, duration_s: float, num_finished: int) -
         out["finetune_aborted_microbatches"] = sum(ft.aborted_microbatches for ft in colo.finetuners)
         out["finetune_microbatches"] = sum(ft.micro_batches for ft in colo.finetuners)
         out["train_queued_sequences"] = colo.pool.available
+        out["decode_waits_on_finetune_blocks"] = sum(i.waits_on_lent_blocks for i in system.decoders)
     return out

@@ -100,6 +100,7 @@ class Instance:
         self.model_version = 0          # version of the weights it serves (set by training / weight sync)
         self.lender = None              # a co-runner holding borrowed KV blocks (Harli), with reclaim(inst)
         self.lent_blocks = 0
+        self.waits_on_lent_blocks = 0   # preemptions / refused admissions while blocks were lent out
 
     # ------------------------------------------------------------------ intake
     def _work(self, r: Request) -> int:
@@ -297,6 +298,8 @@ class Instance:
                 if self.lent_blocks:
                     self._reclaim()
                 if self.free_blocks - need < self.watermark_blocks:
+                    if self.lent_blocks:
+                        self.waits_on_lent_blocks += 1
                     break
             waiting.popleft()
             self.free_blocks -= need
@@ -338,6 +341,8 @@ class Instance:
             i += 1
 
     def _preempt(self, r: Request) -> None:
+        if self.lent_blocks:
+            self.waits_on_lent_blocks += 1
         self.running.remove(r)
         self.kv_total -= r.kv_len
         self.free_blocks += r.kv_blocks

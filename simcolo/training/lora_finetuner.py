@@ -96,7 +96,9 @@ class LoraFinetuner:
         self.sequences_done = 0
         self.aborted_microbatches = 0
         self.busy_s = 0.0
-        self.plans: list[tuple[float, int, int, float | None, int, float]] = []  # log for checks (bounded)
+        # every plan asked of the policy: (time, decode batch, KV tokens, share, micro-batch, predicted
+        # co-run decode latency); bounded, for checks and analysis
+        self.plans: list[tuple[float, int, int, float | None, int, float]] = []
         self._wake_pending = False
         instance.on_iteration = self._on_iteration
         if not static_memory:
@@ -125,11 +127,15 @@ class LoraFinetuner:
 
     def _on_iteration(self, inst, kind: str) -> None:
         """A decode iteration (or run) starts: re-plan the SM split for the micro-batch running."""
-        if self.kernel is not None:
-            share, _, predicted = self.policy.plan_finetune(self.state(), self.predictor, self.mb)
-            self._log_plan(share, self.mb, predicted)
-            self.gpu.compute.set_share(share)
-        elif self.pool.available:
+        if self.kernel is not None and self.taken is not None:
+            share, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, self.mb)
+            self._log_plan(share, mb, predicted)
+            if mb == 0:   # no split keeps decode within its SLO: the finetune yields (recomputed later)
+                self._abort()
+                self._release_blocks()
+            else:
+                self.gpu.compute.set_share(share)
+        elif self.kernel is None and self.pool.available:
             self.wake()
 
     def _try_start(self) -> None:
@@ -137,6 +143,7 @@ class LoraFinetuner:
             return
         share, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, None)
         mb = min(mb, self.pool.available)
+        self._log_plan(share, mb, predicted)
         if self.static_memory:
             need = self.held - self.held  # static carve-out already held (see reserve_static)
             mb = min(mb, self.predictor.lora_max_micro_batch(self.held))
@@ -150,7 +157,6 @@ class LoraFinetuner:
         if need:
             self.inst.lend(need)
             self.held += need
-        self._log_plan(share, mb, predicted)
         self.gpu.compute.set_share(share)
         self.mb = mb
         self.taken = self.pool.take(mb)
@@ -198,11 +204,13 @@ class LoraFinetuner:
 
     def reclaim(self, inst) -> None:
         """Decode needs the blocks: abort the micro-batch in flight and give every block back now."""
+        self._abort()
+        self._release_blocks()
+
+    def _abort(self) -> None:
         if self.kernel is not None and self.taken is not None:
             self.gpu.compute.cancel(self.kernel)
             self.pool.put_back(self.taken)
             self.taken = None
             self.kernel = None
             self.aborted_microbatches += 1
-            self.gpu.compute.set_share(None)
-        self._release_blocks()
