@@ -64,21 +64,26 @@ def test_grids_cover_the_model_context():
         assert grids["decode"].rows.tolist() == [2.0 ** i for i in range(10)]
         assert grids["prefill"].rows[-1] == max(16384, ctx) and ctx in grids["prefill"].rows
         assert grids["prefill"].cols.tolist() == [2.0 ** i for i in range(9)]
-        assert set(meta["tables"]) == {*REQUIRED_TABLES, *SIMULATOR_TABLES}
+        expected = {*REQUIRED_TABLES, *SIMULATOR_TABLES} if meta["tp"] == 1 else {*REQUIRED_TABLES, "interference"}
+        assert set(meta["tables"]) == expected
 
 
 def test_every_shipped_directory_has_training_and_interference_tables():
+    tp1 = [d for d in SHIPPED if d.name.endswith("__tp1")]
+    assert TABLES_DIR / "h100-sxm__llama3-8b__tp1" in tp1
     for d in SHIPPED:
-        tc, it = TrainingCosts.load(d), InterferenceTable.load(d)
+        it = InterferenceTable.load(d)
+        for kind_a in ("prefill", "decode"):
+            for kind_b in ("train", "lora"):
+                assert min(it.slowdown(kind_a, kind_b, None)) >= 1.0, d
+                assert it.slowdown(kind_a, kind_b, 0.9)[0] <= it.slowdown(kind_a, kind_b, 0.2)[0], d
+    for d in tp1:
+        tc = TrainingCosts.load(d)
         layers = tc.metadata["model_config"]["num_layers"]
         assert tc.stage_counts == [n for n in (1, 2, 4, 8) if n <= layers], d
         assert tc.lora_ranks == [8, 16, 32, 64], d
         assert tc.stage_s(tc.stage_counts[-1], 0, "backward", 1, 256) > tc.stage_s(tc.stage_counts[-1], 0,
                                                                                      "forward", 1, 256) > 0
-        for kind_a in ("prefill", "decode"):
-            for kind_b in ("train", "lora"):
-                assert min(it.slowdown(kind_a, kind_b, None)) >= 1.0, d
-                assert it.slowdown(kind_a, kind_b, 0.9)[0] <= it.slowdown(kind_a, kind_b, 0.2)[0], d
 
 
 def test_llama3_8b_h100_sanity():

@@ -138,11 +138,12 @@ def test_in_between_and_off_grid_queries():
         tc.stage_s(4, 0, "sideways", 1, 128)
 
 
-def test_every_directory_holds_stage_tables_for_tp1_stages():
-    """tpN directories carry the same (tp=1) training tables: stages run on one GPU each."""
-    a = TrainingCosts.load(H100_8B)
-    b = TrainingCosts.load(CostModel.resolve("h100-sxm", "llama3-8b", 4))
-    assert a.stage_s(4, 1, "backward", 2, 512) == b.stage_s(4, 1, "backward", 2, 512)
+def test_training_tables_live_in_tp1_directories_only():
+    """Stages run on one GPU each: tpN directories carry only the interference table, and loading
+    training costs from one says which table is missing."""
+    assert TrainingCosts.load(H100_8B).stage_s(4, 1, "backward", 2, 512) > 0
+    with pytest.raises(TableError, match=r"tp4: metadata.json 'tables' has no 'train_stage' table"):
+        TrainingCosts.load(CostModel.resolve("h100-sxm", "llama3-8b", 4))
 
 
 # ------------------------------------------------------------------------------ measured-like tables

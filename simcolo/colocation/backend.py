@@ -49,7 +49,8 @@ class TrainingRecords:
 
 
 def training_table_dir(cfg, gpu_name: str, model_name: str):
-    """Training and interference tables: ``costs.path`` if set (a calibration), else the tp1 directory."""
+    """Training tables: ``costs.path`` if set (a calibration), else the tp1 directory (training stages
+    are single GPUs). The interference table comes from the serving tables' directory."""
     if cfg["costs"]["path"] is not None:
         return resolve_path(cfg["costs"]["path"])
     root = resolve_path(cfg["costs"]["tables_root"]) if cfg["costs"]["tables_root"] is not None else TABLES_DIR
@@ -78,9 +79,6 @@ class Colocation:
         self.learning_curve = LearningCurve.from_cfg(tcfg["learning_curve"])
         table_dir = training_table_dir(cfg, gpu.name, model.name)
         self.training_costs = TrainingCosts.load(table_dir)
-        self.interference = InterferenceTable.load(table_dir)
-        for g in cluster.gpus:
-            g.compute.interference = TableInterference(self.interference)
         self.micro_batch, self.seq_len = int(tcfg["micro_batch"]), int(tcfg["seq_len"])
         self.global_batch = int(tcfg["global_batch"])
         for key in ("micro_batch", "seq_len", "global_batch", "stages", "max_inflight"):
@@ -93,6 +91,11 @@ class Colocation:
 
     # ------------------------------------------------------------------ helpers
     def _predictor(self, cost, ttft, tpot, block_bytes=0.0) -> SimPredictor:
+        """Cost predictions for the policy; also loads the interference table of the serving tables'
+        directory (its serving shapes are at the serving tp) and puts it on every GPU."""
+        self.interference = InterferenceTable.load(cost.directory)
+        for g in self.cluster.gpus:
+            g.compute.interference = TableInterference(self.interference)
         p = SimPredictor(cost, self.training_costs, self.interference, self.model, self.cfg["training"],
                          ttft, tpot, block_bytes)
         self.policy.bind(p)

@@ -255,8 +255,10 @@ def _method_text(params: RooflineParams) -> str:
 def generate(gpu: str, model: str, tp: int, out: Path, params: RooflineParams = RooflineParams()) -> Path:
     """Write the roofline table directory for ``gpu``/``model``/``tp`` to ``out``; returns ``out``.
 
-    Besides ``prefill`` and ``decode`` it holds ``train_stage``, ``lora_step`` and ``interference``
-    (``simcolo/costs/roofline_training.py``)."""
+    Besides ``prefill`` and ``decode`` it holds ``interference`` and, for tp 1 only, ``train_stage`` and
+    ``lora_step`` (``simcolo/costs/roofline_training.py``): training stages are single GPUs, and the
+    simulator reads training tables from the tp1 directory whatever the serving tp (it keeps the
+    shipped tables small)."""
     from simcolo.costs import roofline_training  # it imports this module
 
     model_spec, gpu_spec = load_model_spec(model), load_gpu_spec(gpu)
@@ -278,7 +280,7 @@ def generate(gpu: str, model: str, tp: int, out: Path, params: RooflineParams = 
         "gpu_spec": asdict(gpu_spec),
         "method": _method_text(params) + " " + roofline_training.method_text(params),
         "roofline_params": asdict(params),
-        "tables": {"prefill": "prefill.csv", "decode": "decode.csv", **roofline_training.FILES},
+        "tables": {"prefill": "prefill.csv", "decode": "decode.csv", **roofline_training.files_for(tp)},
     }
     files = {"prefill.csv": grid_csv(PREFILL, prefill_rows), "decode.csv": grid_csv(DECODE, decode_rows),
              **roofline_training.training_tables(model_spec, gpu_spec, tp, params)}

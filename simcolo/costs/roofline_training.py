@@ -382,16 +382,23 @@ def reserved_csv(table: str, rows: Iterable[Sequence]) -> str:
 FILES = {"train_stage": "train_stage.csv", "lora_step": "lora_step.csv", "interference": "interference.csv"}
 
 
+def files_for(tp: int) -> dict[str, str]:
+    """The tables a roofline directory of degree ``tp`` gets: training tables only at tp 1."""
+    return dict(FILES) if tp == 1 else {"interference": FILES["interference"]}
+
+
 def training_tables(model: ModelSpec, gpu: GPUSpec, tp: int, params: RooflineParams) -> dict[str, str]:
-    """File name -> CSV text of ``train_stage``, ``lora_step`` and ``interference``."""
-    return {FILES["train_stage"]: reserved_csv("train_stage", train_stage_rows(model, gpu, params)),
-            FILES["lora_step"]: reserved_csv("lora_step", lora_step_rows(model, gpu, params)),
-            FILES["interference"]: reserved_csv("interference", interference_rows(model, gpu, tp, params))}
+    """File name -> CSV text of ``interference`` and, at tp 1, ``train_stage`` and ``lora_step``."""
+    out = {FILES["interference"]: reserved_csv("interference", interference_rows(model, gpu, tp, params))}
+    if tp == 1:
+        out[FILES["train_stage"]] = reserved_csv("train_stage", train_stage_rows(model, gpu, params))
+        out[FILES["lora_step"]] = reserved_csv("lora_step", lora_step_rows(model, gpu, params))
+    return out
 
 
 def method_text(params: RooflineParams) -> str:
     p = params
-    return (f"Training tables (train_stage, lora_step) are for one GPU (tp=1 stages) in every directory: "
+    return (f"Training tables (train_stage, lora_step) are for one GPU (tp=1 stages), in tp1 directories only: "
             f"forward = linear layers (2 * params * tokens FLOPs, eff {p.gemm_efficiency}, stage weights "
             f"read once) + causal attention (2 * layers * micro_batch * seq_len^2 * hidden FLOPs, eff "
             f"{p.attention_efficiency}) + LM head on the last stage; backward = 2x forward (LoRA: 1x for "
