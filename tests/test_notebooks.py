@@ -30,8 +30,8 @@ def test_colocation_comparison_notebook_executes(tmp_path, monkeypatch):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "2 runs: round_robin, least_outstanding" in text
+    assert "3 runs: isolated, lemix, harli" in text
     table = next(o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}))
-    assert "slo_attainment" in table and "round_robin" in table and "least_outstanding" in table
+    assert "slo_attainment" in table and "train_tokens_per_s" in table and "harli" in table
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3   # Pareto, latency CDFs, utilisation
-    assert list(tmp_path.glob("simcolo-sweep-*/1/summary.json"))        # the sweep it ran is real
+    assert list(tmp_path.glob("simcolo-sweep-*/2/summary.json"))        # the sweep it ran is real

@@ -119,6 +119,8 @@ class SharedCompute:
         self._last_s = now
 
     def _reschedule(self, residents_too: bool = True) -> None:
+        """Give every kernel (and resident) its rate for the current set; a kernel whose rate did not
+        change keeps its finish timer (its finish time did not change)."""
         residents = self.residents if residents_too else {}
         kinds = [k.kind for k in self.running]
         if residents:
@@ -127,6 +129,8 @@ class SharedCompute:
         now = self.env.now
         n = len(self.running)
         for k, rate in zip(self.running, rates):
+            if rate == k.rate and k._timer is not None:
+                continue
             if not 0 < rate <= 1:
                 raise ValueError(f"interference model gave rate {rate} for '{k.kind}'; expected (0, 1]")
             k.rate = rate

@@ -60,8 +60,16 @@ class TableInterference:
     def __init__(self, table):
         self.table = table
         self._cache: dict[tuple[str, str, float | None], tuple[float, float]] = {}
+        self._rates: dict[tuple, list[float]] = {}
 
     def rates(self, kinds: Sequence[str], share: float | None = None) -> list[float]:
+        key = (*kinds, share)
+        out = self._rates.get(key)
+        if out is None:
+            out = self._rates[key] = self._compute(kinds, share)
+        return out
+
+    def _compute(self, kinds: Sequence[str], share: float | None) -> list[float]:
         serving = [k for k in kinds if k in SERVING_KINDS]
         training = [k for k in kinds if k not in SERVING_KINDS]
         if not serving or not training:

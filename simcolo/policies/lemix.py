@@ -77,9 +77,9 @@ class LeMix(PipelinePolicy):
 
     def route(self, request, instances, now):
         best = fallback = None
+        prefill = self.predictor.request_prefill_s(request.prompt_tokens)
         for i, node in enumerate(instances):
-            rate = node.serving_rate()
-            rt = (node.serving_wait_s(now) + self.predictor.request_prefill_s(request.prompt_tokens)) / rate
+            rt = (node.serving_wait_s(now) + prefill) / node.serving_rate()
             if fallback is None or rt < fallback[0]:
                 fallback = (rt, i)
             if rt > self.predictor.ttft_slo_s:
