@@ -45,7 +45,7 @@ class _Predictor:
 
 def _lemix():
     return LeMix({"alpha": 0.15, "beta": 0.05, "tau": 0.2, "defer_factor": 5.0, "memory_threshold": None,
-                  "release": "async"})
+                  "release": "async", "expected_output_tokens": 256, "decode_slo_fraction": 0.5})
 
 
 class _Task:
@@ -68,3 +68,44 @@ def test_training_beyond_five_times_the_unloaded_forward_is_deferred():
     assert policy.place_training(_Task(), [_Node([9, 0], last=0.0)], _Predictor(), 1.0) is None
     assert policy.deferred == 1
     assert policy.place_training(_Task(), [_Node([9, 0], last=0.0), _Node([7.9, 0], last=0.0)], _Predictor(), 1.0) == 1
+
+
+class _ServingNode(_Node):
+    def __init__(self, wait, batch, last=0.0):
+        super().__init__([0, 0], last)
+        self.wait, self.batch = wait, batch
+
+    def serving_wait_s(self, now):
+        return self.wait
+
+    def serving_rate(self):
+        return 1.0
+
+    def decode_load(self):
+        return self.batch, self.batch * 100
+
+
+class _ServingPredictor:
+    ttft_slo_s, tpot_slo_s = 1.0, 0.1
+
+    def request_prefill_s(self, prompt):
+        return 0.05
+
+    def decode_solo_s(self, batch, kv):
+        return 0.01 * batch          # 10 ms per sequence in the batch
+
+
+class _Request:
+    prompt_tokens = 100
+
+
+def test_requests_go_to_the_highest_scoring_feasible_node():
+    policy = _lemix()
+    policy.bind(_ServingPredictor())
+    # RT = wait + 0.05 + 256 * 0.01 * (batch + 1); feasible: wait + 0.05 <= 1 and 0.01 (batch + 1) <= 0.05
+    nodes = [_ServingNode(0.0, 1), _ServingNode(0.2, 3), _ServingNode(0.0, 6)]   # node 2: decode too slow
+    # node 0: RT 0.05 + 5.12 = 5.17 ; node 1: RT 0.25 + 10.24 = 10.49 ; both IP = -tau, same LC: the
+    # larger RT scores higher (the score packs work onto busy nodes)
+    assert policy.route(_Request(), nodes, 10.0) == 1
+    # nothing feasible: the smallest RT
+    assert policy.route(_Request(), [_ServingNode(2.0, 1), _ServingNode(1.5, 1)], 10.0) == 1

@@ -62,6 +62,11 @@ class Node:
     def serving_rate(self) -> float:
         return self.instance.rate
 
+    def decode_load(self) -> tuple[int, int]:
+        """(sequences decoding or admitted, their KV tokens) on the node's serving instance."""
+        inst = self.instance
+        return len(inst.running) + len(inst.prefilling) + len(inst.waiting), inst.kv_total
+
     def length_stats(self, training: bool) -> tuple[int, float, float]:
         s = self._stats[1 if training else 0]
         return s.n, s.mean, s.std

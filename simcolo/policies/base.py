@@ -37,6 +37,9 @@ class NodeView(InstanceView, Protocol):
     def serving_rate(self) -> float:
         """Rate serving iterations progress at now (1 alone; < 1 beside training)."""
 
+    def decode_load(self) -> tuple[int, int]:
+        """(sequences on the serving instance, running or queued; KV tokens of the running ones)."""
+
     def length_stats(self, training: bool) -> tuple[int, float, float]:
         """(count, mean, std) of the lengths of the tasks of that type placed here."""
 

@@ -11,10 +11,12 @@ type already placed on the node. The highest score wins (ties: lowest index).
 Decisions where the paper leaves room (ours):
 
 * Inference requests are served by the node's continuous-batching engine, which co-runs with
-  training (it does not queue behind training kernels), so a request's RT is its predicted wait for
-  queued prompts plus its prefill, divided by the node's current serving rate, and its II is 0. A
-  request only goes to a node whose predicted RT meets the TTFT SLO; if none does, to the node with the
-  smallest RT (serving responsiveness first).
+  training (it does not queue behind training kernels). A request's RT is its predicted time to first
+  token (the wait for queued prompts plus its prefill) plus ``expected_output_tokens`` decode
+  iterations at the node's batch with it added, all divided by the node's current serving rate; its
+  II is 0. The score prefers the larger RT (it packs work onto busy nodes), so a request only goes to
+  a node where it is *feasible*: predicted TTFT within the TTFT SLO and predicted decode iteration
+  within ``decode_slo_fraction`` x the TPOT SLO; if no node is feasible, to the smallest RT.
 * A request's length is its prompt length (output lengths are unknown at arrival); a training task's
   is its token count. A node with fewer than two tasks of the type uses std 1 token, mean = the task's
   own length (LC is the density's peak).
@@ -64,6 +66,8 @@ class LeMix(PipelinePolicy):
         super().__init__(cfg, rng)
         self.alpha, self.beta, self.tau = float(cfg["alpha"]), float(cfg["beta"]), float(cfg["tau"])
         self.defer_factor = float(cfg["defer_factor"])
+        self.expected_output_tokens = int(cfg["expected_output_tokens"])
+        self.decode_slo_fraction = float(cfg["decode_slo_fraction"])
         self.release = str(cfg["release"])
         t = cfg["memory_threshold"]
         self.memory_threshold = None if t is None else float(t)
@@ -77,12 +81,19 @@ class LeMix(PipelinePolicy):
 
     def route(self, request, instances, now):
         best = fallback = None
-        prefill = self.predictor.request_prefill_s(request.prompt_tokens)
+        pred = self.predictor
+        prompt = request.prompt_tokens
+        prefill = pred.request_prefill_s(prompt)
+        tpot_limit = self.decode_slo_fraction * pred.tpot_slo_s
         for i, node in enumerate(instances):
-            rt = (node.serving_wait_s(now) + prefill) / node.serving_rate()
+            rate = node.serving_rate()
+            ttft = (node.serving_wait_s(now) + prefill) / rate
+            batch, kv = node.decode_load()
+            step = pred.decode_solo_s(batch + 1, kv + prompt) / rate
+            rt = ttft + self.expected_output_tokens * step
             if fallback is None or rt < fallback[0]:
                 fallback = (rt, i)
-            if rt > self.predictor.ttft_slo_s:
+            if ttft > pred.ttft_slo_s or step > tpot_limit:
                 continue
             score = lemix_score(rt, 0.0, node.num_stages, now - node.last_arrival_s,
                                 self._lc(node, request.prompt_tokens, False), self.alpha, self.beta, self.tau)
