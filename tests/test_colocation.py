@@ -137,8 +137,6 @@ def test_no_gpu_ever_exceeds_its_memory(policy, gpu, model, micro_batch, seq_len
         return
     for g in r.system.cluster.gpus:
         assert g.memory.peak <= g.memory.capacity
-        assert g.memory.by_use.get("train_activations", 0.0) == pytest.approx(
-            0.0, abs=1.0) or r.summary["train_queued_tasks"] >= 0
     t = r.timeline
     assert (t["memory_used_bytes"] <= t["memory_capacity_bytes"]).all()
 

@@ -84,6 +84,9 @@ class _ServingNode(_Node):
     def decode_load(self):
         return self.batch, self.batch * 100
 
+    def queue_blocked(self):
+        return False
+
 
 class _ServingPredictor:
     ttft_slo_s, tpot_slo_s = 1.0, 0.1

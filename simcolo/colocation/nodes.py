@@ -62,6 +62,9 @@ class Node:
     def serving_rate(self) -> float:
         return self.instance.rate
 
+    def queue_blocked(self) -> bool:
+        return self.instance.queue_blocked()
+
     def decode_load(self) -> tuple[int, int]:
         """(sequences decoding or admitted, their KV tokens) on the node's serving instance."""
         inst = self.instance

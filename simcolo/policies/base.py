@@ -40,6 +40,9 @@ class NodeView(InstanceView, Protocol):
     def decode_load(self) -> tuple[int, int]:
         """(sequences on the serving instance, running or queued; KV tokens of the running ones)."""
 
+    def queue_blocked(self) -> bool:
+        """Requests are queued and the next cannot be admitted now (sequence, token or KV limit)."""
+
     def length_stats(self, training: bool) -> tuple[int, float, float]:
         """(count, mean, std) of the lengths of the tasks of that type placed here."""
 

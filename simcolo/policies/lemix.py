@@ -15,8 +15,9 @@ Decisions where the paper leaves room (ours):
   token (the wait for queued prompts plus its prefill) plus ``expected_output_tokens`` decode
   iterations at the node's batch with it added, all divided by the node's current serving rate; its
   II is 0. The score prefers the larger RT (it packs work onto busy nodes), so a request only goes to
-  a node where it is *feasible*: predicted TTFT within the TTFT SLO and predicted decode iteration
-  within ``decode_slo_fraction`` x the TPOT SLO; if no node is feasible, to the smallest RT.
+  a node where it is *feasible*: no queue blocked behind a full batch or KV cache (the wait would be
+  unpredictable), predicted TTFT within the TTFT SLO and predicted decode iteration within
+  ``decode_slo_fraction`` x the TPOT SLO; if no node is feasible, to the smallest RT.
 * A request's length is its prompt length (output lengths are unknown at arrival); a training task's
   is its token count. A node with fewer than two tasks of the type uses std 1 token, mean = the task's
   own length (LC is the density's peak).
@@ -93,7 +94,7 @@ class LeMix(PipelinePolicy):
             rt = ttft + self.expected_output_tokens * step
             if fallback is None or rt < fallback[0]:
                 fallback = (rt, i)
-            if ttft > pred.ttft_slo_s or step > tpot_limit:
+            if ttft > pred.ttft_slo_s or step > tpot_limit or node.queue_blocked():
                 continue
             score = lemix_score(rt, 0.0, node.num_stages, now - node.last_arrival_s,
                                 self._lc(node, request.prompt_tokens, False), self.alpha, self.beta, self.tau)

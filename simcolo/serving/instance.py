@@ -533,6 +533,11 @@ class Instance:
         done = int(self._h_ends.searchsorted(now))
         return done if done < self._h_n else self._h_n
 
+    def queue_blocked(self) -> bool:
+        """True if requests are queued and the head cannot be admitted now (sequence limit, token
+        budget or KV blocks): a new request would wait for running ones to finish."""
+        return bool(self.waiting) and self._admission_blocked()
+
     def outstanding_tokens(self, now: float) -> int:
         """Tokens of work left on this instance at ``now`` (decode iterations in flight included)."""
         if self._state != _HORIZON:
