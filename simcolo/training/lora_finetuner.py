@@ -161,10 +161,8 @@ class LoraFinetuner:
         self.mb = mb
         self.taken = self.pool.take(mb)
         work = self.predictor.lora_step_s(mb, self.seq_len)
-        self.kernel = self.gpu.compute.start("lora", work)
         start = self.env.now
-        kernel = self.kernel
-        kernel.done.callbacks.append(lambda _ev: self._done(kernel, start))
+        self.kernel = self.gpu.compute.start("lora", work, lambda: self._done(start))
 
     def reserve_static(self, blocks: int) -> None:
         """Static-share baseline: carve ``blocks`` out of the KV pool for good."""
@@ -176,9 +174,7 @@ class LoraFinetuner:
             self.inst.give_back(self.held)
             self.held = 0
 
-    def _done(self, kernel, start: float) -> None:
-        if kernel is not self.kernel:
-            return
+    def _done(self, start: float) -> None:
         now = self.env.now
         self.busy_s += now - start
         self.kernel = None
@@ -190,9 +186,9 @@ class LoraFinetuner:
             self.on_task_done(task)
         self.taken = None
         if self.micro_batches % self.global_batch == 0:
-            opt = self.gpu.compute.start("lora", self.predictor.lora_optimizer_s())
-            opt.done.callbacks.append(lambda _ev: self._stepped(start))
-            self.kernel = opt   # the optimizer step runs before the next micro-batch
+            # the optimizer step runs before the next micro-batch
+            self.kernel = self.gpu.compute.start("lora", self.predictor.lora_optimizer_s(),
+                                                 lambda: self._stepped(start))
             return
         self._try_start()
 

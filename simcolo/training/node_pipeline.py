@@ -119,11 +119,10 @@ class NodePipeline:
 
     def _start(self, s: int, op: str, task, kind: str, work: float) -> None:
         self.busy[s] = True
-        kernel = self.gpus[s].compute.start(kind, work)
+        start = self.env.now
+        kernel = self.gpus[s].compute.start(kind, work, lambda: self._done(s, op, task, start))
         self.running[s] = kernel
         self.running_op[s] = op
-        start = self.env.now
-        kernel.done.callbacks.append(lambda _ev: self._done(s, op, task, start))
 
     def _done(self, s: int, op: str, task, start: float) -> None:
         now = self.env.now
