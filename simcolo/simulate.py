@@ -161,6 +161,7 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
     summary.update(workload.stats.as_dict())
     summary.update({"cost_source": cost.metadata.get("source", "unknown"),
                     "cost_off_grid_queries": int(sum(n for axes in cost.off_grid.values() for n in axes.values())),
+                    "cost_interference": colo.interference.method if colo is not None else "none",
                     "policy": cfg["policy"]["name"], "model": model.name, "gpu": gpu.name,
                     "seed": int(cfg["seed"])})
     timeline = sampler.frame()

@@ -26,7 +26,7 @@ from calibrate.timing import CallTimer
 from calibrate.write import complete_grid
 from conftest import run_sim
 from simcolo.costs import CostModel
-from simcolo.errors import ConfigError
+from simcolo.errors import ConfigError, TableError
 from simcolo.paths import PROJECT_ROOT
 from simcolo.specs import load_model_spec
 
@@ -109,6 +109,23 @@ def test_simulator_runs_on_the_measured_tables(calibrated):
     assert s["num_requests"] == s["num_finished"] == 200
     cost = result.system.instances[0].cost
     assert cost.metadata["source"] == "measured" and cost.directory == out
+
+
+def test_co_location_runs_on_the_measured_tables_and_learning_curve(calibrated):
+    out, _, _ = calibrated
+    common = ["gpu=cpu", "model=tiny", "cluster=single", f"costs.path={out}", "workload=poisson",
+              "workload.num_requests=200", "workload.rate_rps=20", "policy=lemix", "training.stages=1",
+              "training.micro_batch=2", "training.seq_len=128"]
+    with pytest.raises(TableError, match=r"no .interference. table .* costs.interference=none"):
+        run_sim(*common)
+    r = run_sim(*common, "costs.interference=none", "training.learning_curve.kind=table",
+                f"+training.learning_curve.path={out}")
+    s = r.summary
+    assert s["num_finished"] == 200 and s["optimizer_steps"] > 0 and s["cost_interference"] == "none"
+    curve = pd.read_csv(out / "learning_curve.csv")
+    first = curve[curve.distribution == curve.distribution.min()]
+    # the served versions' losses come from the measured curve: within its range, below its start
+    assert first.loss.min() - 1e-9 <= s["inference_loss_mean"] < first.loss.iloc[0]
 
 
 def test_report_heldout_error_is_small(calibrated):

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simcolo.errors import ConfigError
-from tests.conftest import run_sim
+from conftest import run_sim
 
 PIPELINE_POLICIES = ["mix_rr", "mix_luf", "mix_random", "lemix"]
 FINETUNE_POLICIES = ["harli", "static_share", "flexllm"]

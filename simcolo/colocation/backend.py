@@ -93,7 +93,13 @@ class Colocation:
     def _predictor(self, cost, ttft, tpot, block_bytes=0.0) -> SimPredictor:
         """Cost predictions for the policy; also loads the interference table of the serving tables'
         directory (its serving shapes are at the serving tp) and puts it on every GPU."""
-        self.interference = InterferenceTable.load(cost.directory)
+        mode = self.cfg["costs"].get("interference", "table")
+        if mode == "table":
+            self.interference = InterferenceTable.load(cost.directory)
+        elif mode == "none":
+            self.interference = InterferenceTable.none()
+        else:
+            raise ConfigError(f"costs.interference '{mode}' is unknown; expected table or none")
         for g in self.cluster.gpus:
             g.compute.interference = TableInterference(self.interference)
         p = SimPredictor(cost, self.training_costs, self.interference, self.model, self.cfg["training"],

@@ -74,7 +74,8 @@ class InterferenceTable:
         directory = Path(directory)
         meta = read_metadata(directory)
         method = meta.get("interference_method", "roofline")
-        hint = (f"; the metadata says interference_method: {method!r}" if "interference_method" in meta else
+        hint = (f"; the metadata says interference_method: {method!r} (simulate without co-run slowdowns with "
+                f"costs.interference=none)" if "interference_method" in meta else
                 "; roofline directories get it from `python -m simcolo.costs.roofline` (generator v3 or "
                 "later), calibrate/ measures it on a CUDA device")
         path, df = read_reserved_table(directory, meta, "interference", hint)
