@@ -152,6 +152,10 @@ def test_bad_configs_are_refused_with_the_key_to_change():
         run_sim("training=full", "workload.max_requests=5")
     with pytest.raises(ConfigError, match=r"training.data.kind 'nope' is unknown"):
         run_sim("policy=lemix", "cluster=h100x8", "training.data.kind=nope", "workload.max_requests=5")
+    with pytest.raises(ConfigError, match=r"training.schedule 'zigzag' is unknown"):
+        run_sim("policy=isolated", "cluster=h100x8", "training.schedule=zigzag", "workload.max_requests=5")
+    with pytest.raises(ConfigError, match=r"activation_checkpointing=true is not modelled for LoRA"):
+        run_sim("policy=harli", "cluster=h100x8", "training.activation_checkpointing=true", "workload.max_requests=5")
     with pytest.raises(ConfigError, match=r"training.learning_curve"):
         run_sim("policy=lemix", "cluster=h100x8", "training.learning_curve.final_loss=3",
                 "workload.max_requests=5")

@@ -33,14 +33,15 @@ from simcolo.training.learning_curve import LearningCurve
 from simcolo.training.lora_finetuner import LoraFinetuner, SequencePool
 from simcolo.training.memory import full_training_stage_memory, lora_memory
 from simcolo.training.node_pipeline import NodePipeline
+from simcolo.training.schedules import SCHEDULES
 from simcolo.training.sync_trainer import SyncTrainer, WeightSync
-
-LAYOUTS = ("serving", "isolated", "pipelines", "finetune")
-
 
 @dataclass
 class TrainingRecords:
-    """One row per optimizer step: when, which trainer, the version it made, what it trained."""
+    """One row per optimizer step: when, which trainer, the version it made, what it trained.
+
+    ``start_s`` is when the step's work began for isolated steps and finetune steps; a co-located
+    node's steps overlap (tasks stream through its pipeline), so there it is NaN."""
     rows: list[tuple] = field(default_factory=list)
     COLUMNS = ("trainer", "version", "start_s", "end_s", "tasks", "tokens")
 
@@ -59,7 +60,7 @@ def training_table_dir(cfg, gpu_name: str, model_name: str):
 
 
 class Colocation:
-    """Everything training adds to a run. ``build`` returns it with ``system`` (the serving side) made."""
+    """Everything training adds to a run; ``system`` is the serving side it built for the layout."""
 
     def __init__(self, env, cluster, model, gpu, cfg, policy, layout, batching, sink, itl, seed):
         self.env, self.cluster, self.model, self.gpu, self.cfg = env, cluster, model, gpu, cfg
@@ -84,6 +85,9 @@ class Colocation:
         for key in ("micro_batch", "seq_len", "global_batch", "stages", "max_inflight"):
             if int(tcfg[key]) < 1:
                 raise ConfigError(f"training.{key} must be >= 1, got {tcfg[key]}")
+        if self.kind == "finetune" and tcfg["activation_checkpointing"]:
+            raise ConfigError("training.activation_checkpointing=true is not modelled for LoRA finetuning "
+                              "(policies harli, static_share, flexllm); set it to false")
         builder = {"isolated": self._isolated, "pipelines": self._pipelines, "finetune": self._finetune}[self.kind]
         self.system = builder(cfg, layout, batching, sink, itl, float(slo["ttft_s"]), float(slo["tpot_s"]))
         self.stream = TrainingStream(env, tcfg["data"], self.micro_batch, self.seq_len, seed, self._on_task) \
@@ -149,6 +153,8 @@ class Colocation:
             return system
         mem = self._stage_memory(S)
         schedule = str(tcfg["schedule"])
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"training.schedule '{schedule}' is unknown; expected one of {sorted(SCHEDULES)}")
         M = self.global_batch
         groups = self.cluster.allocate_groups(dp, S, serving_gpus) if S <= self.cluster.gpus_per_node else \
             [list(range(serving_gpus + r * S, serving_gpus + (r + 1) * S)) for r in range(dp)]
@@ -301,7 +307,8 @@ class Colocation:
             inst.max_horizon = int(pcfg["lookahead_iterations"])
             ft = LoraFinetuner(self.env, inst, gpu, self.pool, self.policy, pred, self.seq_len, self.global_batch,
                                self.policy.static_memory, self._task_done,
-                               lambda v, s, e, i=len(self.finetuners): self._ft_step(i, v, s, e))
+                               lambda v, s, e, tokens, i=len(self.finetuners):
+                                   self.records.add(i, v, s, e, self.global_batch, tokens))
             if self.policy.static_memory:
                 blocks = pred.lora_blocks(int(pcfg["max_micro_batch"]), self.seq_len)
                 if blocks > inst.lendable_blocks():
@@ -312,12 +319,6 @@ class Colocation:
             self.finetuners.append(ft)
         self._place = self.pool.add
         return system
-
-    def _ft_step(self, i, version, start, end) -> None:
-        ft = self.finetuners[i]
-        tokens = ft.tokens_done - getattr(ft, "_tokens_at_step", 0)
-        ft._tokens_at_step = ft.tokens_done
-        self.records.add(i, version, start, end, self.global_batch, tokens)
 
     # ------------------------------------------------------------------ the training stream
     def _on_task(self, task) -> None:

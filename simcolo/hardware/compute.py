@@ -41,7 +41,6 @@ class SharedCompute:
         self._finishing = False  # inside a finish callback: rates are recomputed once, after it
         self.busy_s = 0.0        # time with anything running
         self.train_busy_s = 0.0  # time with at least one kernel (training) running
-        self.serve_busy_s = 0.0  # time with a resident iterating
 
     # ------------------------------------------------------------------ kernels
     def run(self, kind: str, work_s: float):
@@ -96,12 +95,6 @@ class SharedCompute:
         self.sm_share = share
         self._reschedule()
 
-    def serving_rate(self, kind: str, training_kind: str | None, share: float | None) -> float:
-        """The rate a serving iteration of ``kind`` would get beside ``training_kind`` (a prediction,
-        changes nothing)."""
-        kinds = [kind] if training_kind is None else [kind, training_kind]
-        return self.interference.rates(kinds, share)[0]
-
     def busy_at(self, now: float) -> float:
         """Busy seconds up to ``now`` (a pure query: counts the interval since the last change)."""
         if self.running or self.residents:
@@ -119,8 +112,6 @@ class SharedCompute:
                 self.train_busy_s += dt
                 for k in self.running:
                     k.remaining = max(0.0, k.remaining - k.rate * dt)
-            if self.residents:
-                self.serve_busy_s += dt
         self._last_s = now
 
     def _reschedule(self, residents_too: bool = True) -> None:

@@ -20,6 +20,12 @@ arrives. Results equal the iteration-by-iteration mode bit for bit; a test compa
 
 Roles: ``both`` (prefill and decode), ``prefill`` (disaggregated prefill: hands requests off after
 their first token) and ``decode`` (disaggregated decode: admits requests whose KV was transferred).
+
+Co-location (inert unless attached): an instance tells its GPUs' shared compute what it runs
+(``prefill``, ``decode``, idle) and takes the rate they give back (``set_rate``): an iteration takes its
+solo latency / rate, and a rate change re-times the iteration in progress and cuts a decode run after
+it. A co-runner may borrow free KV blocks (``lend`` / ``give_back``); with a ``lender`` that can
+``reclaim`` them, decode takes them back before it would preempt or refuse a request.
 """
 from __future__ import annotations
 
@@ -276,7 +282,8 @@ class Instance:
             need = self.blocks_for(target)
         else:
             need = self.blocks_for(r.kv_len)
-        return self.free_blocks + self.lent_blocks - need < self.watermark_blocks
+        reclaimable = self.lent_blocks if self.lender is not None else 0
+        return self.free_blocks + reclaimable - need < self.watermark_blocks
 
     def _admit(self, budget: int) -> list[tuple[Request, int]]:
         """Admit waiting requests FCFS; returns the (request, prefill chunk) pairs to run now."""

@@ -100,6 +100,8 @@ class LoraFinetuner:
         # co-run decode latency); bounded, for checks and analysis
         self.plans: list[tuple[float, int, int, float | None, int, float]] = []
         self._wake_pending = False
+        self._step_start = env.now        # when the current optimizer step's first micro-batch could start
+        self._tokens_at_step = 0
         instance.on_iteration = self._on_iteration
         if not static_memory:
             instance.lender = self
@@ -145,7 +147,7 @@ class LoraFinetuner:
         mb = min(mb, self.pool.available)
         self._log_plan(share, mb, predicted)
         if self.static_memory:
-            need = self.held - self.held  # static carve-out already held (see reserve_static)
+            need = 0   # the static carve-out is already held (reserve_static)
             mb = min(mb, self.predictor.lora_max_micro_batch(self.held))
         else:
             need = self.predictor.lora_blocks(mb, self.seq_len)
@@ -187,15 +189,16 @@ class LoraFinetuner:
         self.taken = None
         if self.micro_batches % self.global_batch == 0:
             # the optimizer step runs before the next micro-batch
-            self.kernel = self.gpu.compute.start("lora", self.predictor.lora_optimizer_s(),
-                                                 lambda: self._stepped(start))
+            self.kernel = self.gpu.compute.start("lora", self.predictor.lora_optimizer_s(), self._stepped)
             return
         self._try_start()
 
-    def _stepped(self, start: float) -> None:
+    def _stepped(self) -> None:
         self.kernel = None
         self.version += 1
-        self.on_step(self.version, start, self.env.now)
+        self.on_step(self.version, self._step_start, self.env.now, self.tokens_done - self._tokens_at_step)
+        self._tokens_at_step = self.tokens_done
+        self._step_start = self.env.now
         self._try_start()
 
     def reclaim(self, inst) -> None:
