@@ -34,7 +34,7 @@ def test_main_job_on_the_azure_conv_trace(tmp_path):
     assert len(df) == 19366 and df["instance"].nunique() == 4
     gpus = pd.read_parquet(tmp_path / "gpus.parquet")
     assert set(gpus["gpu"]) == {0, 1, 2, 3} and (gpus["memory_used_bytes"] <= gpus["memory_capacity_bytes"]).all()
-    for name in ("latency_cdf", "throughput", "queue_length"):
+    for name in ("latency_cdf", "throughput", "queue_length", "gpu_timeline"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 5000
 
 

@@ -1,4 +1,4 @@
-"""PNG plots of a run: latency CDFs, throughput and queue length over time.
+"""PNG plots of a run: latency CDFs, throughput, queue length, and GPU utilisation and memory over time.
 
 Each curve is reduced to at most a few thousand points first, so plotting stays a small part of a
 run's time however many requests it had.
@@ -78,6 +78,27 @@ def write_plots(requests: pd.DataFrame, timeline: pd.DataFrame, out_dir: Path, l
     ax.set_ylabel("requests")
     ax.set_title(f"Queue length over time {label}".strip())
     paths.append(out_dir / "queue_length.png")
+    _save(fig, paths[-1])
+    plt.close(fig)
+
+    fig, (ax_u, ax_m) = plt.subplots(1, 2, figsize=(13, 3.6))
+    if len(timeline):
+        per_gpu = timeline.drop_duplicates(["time_s", "gpu"])
+        for gpu, rows in per_gpu.groupby("gpu"):
+            ax_u.plot(rows["time_s"], rows["utilization"], lw=0.8, label=f"GPU {gpu}")
+            ax_m.plot(rows["time_s"], rows["memory_used_bytes"] / rows["memory_capacity_bytes"], lw=0.8)
+        if per_gpu["gpu"].nunique() <= 8:
+            ax_u.legend(fontsize=7, ncol=2)
+    ax_u.set_xlabel("time (s)")
+    ax_u.set_ylabel("busy fraction")
+    ax_u.set_ylim(-0.02, 1.02)
+    ax_m.set_xlabel("time (s)")
+    ax_m.set_ylabel("memory in use / capacity")
+    ax_m.set_ylim(0, 1.02)
+    for ax in (ax_u, ax_m):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"GPU utilisation and memory over time {label}".strip())
+    paths.append(out_dir / "gpu_timeline.png")
     _save(fig, paths[-1])
     plt.close(fig)
     return paths
