@@ -1,5 +1,8 @@
 """One simulation run: build the parts from a config, run the SimPy model, write the outputs.
 
+A routing policy gets the serving system alone; a co-location policy gets the layout it asks for
+from ``simcolo.colocation`` (training beside serving), and the run then ends when serving does.
+
 This is the library entry point (tests and notebooks call ``simulate``); ``simcolo.cli`` wraps it
 in a Hydra app.
 """
@@ -16,9 +19,8 @@ from tqdm import tqdm
 
 from simcolo.costs import cost_model_for
 from simcolo.errors import ConfigError
-from simcolo.hardware.environment import At
 from simcolo.hardware.cluster import Cluster
-from simcolo.hardware.environment import SimEnvironment
+from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.metrics.io import atomic_path, write_json
 from simcolo.metrics.itl import ITLHistogram
 from simcolo.metrics.records import RequestSink
@@ -154,9 +156,7 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
     summary.update({f"status_{k}": v for k, v in sorted(sink.status_counts.items())})
     summary.update(slo_multiples(sink, cost))
     if colo is not None:
-        for p in colo.trainers:
-            if hasattr(p, "close"):
-                p.close(env.now)
+        colo.close(env.now)
     summary.update(training_summary(colo, system, sink, summary["duration_s"], summary["num_finished"]))
     summary.update(workload.stats.as_dict())
     summary.update({"cost_source": cost.metadata.get("source", "unknown"),

@@ -320,6 +320,12 @@ class Colocation:
         self._place = self.pool.add
         return system
 
+    def close(self, now: float) -> None:
+        """End of the run: pipelines count the time they are still busy (for the bubble rate)."""
+        for trainer in self.trainers:
+            if isinstance(trainer, NodePipeline):
+                trainer.close(now)
+
     # ------------------------------------------------------------------ the training stream
     def _on_task(self, task) -> None:
         self._place(task)
