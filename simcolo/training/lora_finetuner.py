@@ -100,6 +100,7 @@ class LoraFinetuner:
         # co-run decode latency); bounded, for checks and analysis
         self.plans: list[tuple[float, int, int, float | None, int, float]] = []
         self._wake_pending = False
+        self._finishing = False   # inside _done: it starts the next micro-batch itself, no wake needed
         self._step_start = env.now        # when the current optimizer step's first micro-batch could start
         self._tokens_at_step = 0
         instance.on_iteration = self._on_iteration
@@ -119,7 +120,7 @@ class LoraFinetuner:
 
     # ------------------------------------------------------------------ events
     def wake(self) -> None:
-        if not self._wake_pending and self.kernel is None:
+        if not self._wake_pending and self.kernel is None and not self._finishing:
             self._wake_pending = True
             At(self.env, self.env.now).callbacks.append(self._woken)
 
@@ -184,8 +185,12 @@ class LoraFinetuner:
         self.micro_batches += 1
         self.sequences_done += self.mb
         self.tokens_done += self.mb * self.seq_len
-        for task in self.pool.finish(self.taken, now):
-            self.on_task_done(task)
+        self._finishing = True
+        try:
+            for task in self.pool.finish(self.taken, now):
+                self.on_task_done(task)   # may add tasks to the pool (and wake the other finetuners)
+        finally:
+            self._finishing = False
         self.taken = None
         if self.micro_batches % self.global_batch == 0:
             # the optimizer step runs before the next micro-batch
