@@ -47,11 +47,19 @@ class OffGrid:
     vectorized call counts each element).
     """
 
-    def __init__(self, grids: dict[str, Grid], source: str):
+    def __init__(self, grids: dict[str, Grid], source: str, owner: str = "CostModel"):
         self.counts: dict[str, dict[str, int]] = {
             name: {g.row_axis: 0, g.col_axis: 0} for name, g in grids.items()}
         self._warned: set[tuple[str, str, str]] = set()
         self._source = source
+        self._owner = owner
+
+    @classmethod
+    def for_axes(cls, axes: dict[str, tuple[str, ...]], source: str, owner: str) -> "OffGrid":
+        """Counters for tables that are not single grids (``axes``: table -> its axis names)."""
+        off = cls({}, source, owner)
+        off.counts = {table: {a: 0 for a in names} for table, names in axes.items()}
+        return off
 
     def note(self, table: str, axis: str, value: float, lo: float, hi: float, n: int = 1,
              stacklevel: int = 3) -> None:
@@ -64,7 +72,7 @@ class OffGrid:
             warnings.warn(
                 f"{self._source}: table '{table}', axis '{axis}': query {value:g} is {side} the grid "
                 f"range [{lo:g}, {hi:g}]; extrapolating linearly from the edge cell (further "
-                f"{side}-range queries on this axis are counted in CostModel.off_grid, not warned)",
+                f"{side}-range queries on this axis are counted in {self._owner}.off_grid, not warned)",
                 OffGridWarning, stacklevel=stacklevel)
 
 

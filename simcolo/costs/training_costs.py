@@ -34,14 +34,13 @@ line) or column, and what was expected.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from simcolo.costs.interp import MIN_LATENCY_S, OffGridWarning, cell
+from simcolo.costs.interp import MIN_LATENCY_S, OffGrid, cell
 from simcolo.costs.schema import METADATA_FILE, RESERVED_COLUMNS, TRAINING_PHASES, stage_layers
 from simcolo.costs.tables import _cell, _row_label, read_frame, read_metadata
 from simcolo.errors import TableError
@@ -160,26 +159,6 @@ def _surface(points: dict[tuple[int, int], tuple[float, float]], path: Path, lab
     return _Surface([float(x) for x in axes[0]], [float(y) for y in axes[1]], lat, mem)
 
 
-class _OffGrid:
-    """Counts off-grid queries per table and axis and warns once per table, axis and side."""
-
-    def __init__(self, axes: dict[str, tuple[str, ...]], source: str):
-        self.counts: dict[str, dict[str, int]] = {t: {a: 0 for a in names} for t, names in axes.items()}
-        self._warned: set[tuple[str, str, str]] = set()
-        self._source = source
-
-    def note(self, table: str, axis: str, value: float, lo: float, hi: float, stacklevel: int) -> None:
-        self.counts[table][axis] += 1
-        side = "below" if value < lo else "above"
-        if (table, axis, side) not in self._warned:
-            self._warned.add((table, axis, side))
-            warnings.warn(
-                f"{self._source}: table '{table}', axis '{axis}': query {value:g} is {side} the grid range "
-                f"[{lo:g}, {hi:g}]; extrapolating linearly from the edge cell (further {side}-range "
-                f"queries on this axis are counted in TrainingCosts.off_grid, not warned)",
-                OffGridWarning, stacklevel=stacklevel)
-
-
 # ----------------------------------------------------------------------------------------- the class
 
 class TrainingCosts:
@@ -203,8 +182,9 @@ class TrainingCosts:
         self._ranks = sorted(lora)
         self._rank_list = [float(r) for r in self._ranks]
         self._resolved: dict[tuple[int, int], tuple[dict, float]] = {}
-        self._off = _OffGrid({"train_stage": ("micro_batch", "seq_len"),
-                              "lora_step": ("rank", "micro_batch", "seq_len")}, str(self.directory))
+        self._off = OffGrid.for_axes({"train_stage": ("micro_batch", "seq_len"),
+                                      "lora_step": ("rank", "micro_batch", "seq_len")}, str(self.directory),
+                                     "TrainingCosts")
         self.off_grid = self._off.counts
 
     # ------------------------------------------------------------------------------ loading
