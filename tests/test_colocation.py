@@ -156,6 +156,10 @@ def test_bad_configs_are_refused_with_the_key_to_change():
         run_sim("policy=isolated", "cluster=h100x8", "training.schedule=zigzag", "workload.max_requests=5")
     with pytest.raises(ConfigError, match=r"activation_checkpointing=true is not modelled for LoRA"):
         run_sim("policy=harli", "cluster=h100x8", "training.activation_checkpointing=true", "workload.max_requests=5")
+    with pytest.raises(ConfigError, match=r"policy 'lemix' trains full parameters .* use training=full"):
+        run_sim("policy=lemix", "cluster=h100x8", "training=lora", "workload.max_requests=5")
+    with pytest.raises(ConfigError, match=r"policy 'harli' trains LoRA adapters .* use training=lora"):
+        run_sim("policy=harli", "cluster=h100x8", "training=full", "workload.max_requests=5")
     with pytest.raises(ConfigError, match=r"training.learning_curve"):
         run_sim("policy=lemix", "cluster=h100x8", "training.learning_curve.final_loss=3",
                 "workload.max_requests=5")

@@ -85,6 +85,11 @@ class Colocation:
         for key in ("micro_batch", "seq_len", "global_batch", "stages", "max_inflight"):
             if int(tcfg[key]) < 1:
                 raise ConfigError(f"training.{key} must be >= 1, got {tcfg[key]}")
+        wanted = "lora" if self.kind == "finetune" else "full"
+        if self.training_on and tcfg["kind"] != wanted:
+            raise ConfigError(f"policy '{policy.name}' trains {'LoRA adapters' if wanted == 'lora' else 'full parameters'}"
+                              f" ({self.kind} layout) but training.kind is '{tcfg['kind']}': use training={wanted} "
+                              f"(or training=none to serve alone on this layout)")
         if self.kind == "finetune" and tcfg["activation_checkpointing"]:
             raise ConfigError("training.activation_checkpointing=true is not modelled for LoRA finetuning "
                               "(policies harli, static_share, flexllm); set it to false")
