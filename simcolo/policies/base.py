@@ -52,6 +52,7 @@ class CostPredictor(Protocol):
 
     tpot_slo_s: float
     ttft_slo_s: float
+    seq_len: int          # tokens per training sequence
 
     def task_forward_s(self, num_stages: int) -> list[float]: ...
 
@@ -68,6 +69,9 @@ class CostPredictor(Protocol):
     def lora_rate(self, share: float | None) -> float: ...
 
     def lora_step_s(self, micro_batch: int, seq_len: int) -> float: ...
+
+    def lora_max_micro_batch(self, blocks: int) -> int:
+        """The largest finetune micro-batch whose activations fit ``blocks`` KV blocks."""
 
 
 class RoutingPolicy(ABC):

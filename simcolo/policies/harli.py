@@ -51,6 +51,7 @@ class Harli(_FinetuneBase):
     def __init__(self, cfg, rng=None):
         super().__init__(cfg, rng)
         self._best_mb: dict[int, int] = {}
+        self._order: list[tuple[float, float]] | None = None
 
     def _most_efficient_micro_batch(self, predictor, mb_max: int) -> int:
         """argmax over mb <= mb_max of tokens per solo second (the share scales every mb alike)."""
@@ -80,7 +81,7 @@ class Harli(_FinetuneBase):
 
     def _by_rate(self, predictor) -> list[tuple[float, float]]:
         """(share, decode slowdown) ordered by finetune rate, highest first (ties: larger decode share)."""
-        order = getattr(self, "_order", None)
+        order = self._order
         if order is None:
             ranked = sorted(SHARES, key=lambda sh: (-predictor.lora_rate(sh), -sh))
             order = self._order = [(sh, predictor.decode_slowdown(sh)) for sh in ranked]
