@@ -163,3 +163,16 @@ def test_bad_configs_are_refused_with_the_key_to_change():
     with pytest.raises(ConfigError, match=r"training.learning_curve"):
         run_sim("policy=lemix", "cluster=h100x8", "training.learning_curve.final_loss=3",
                 "workload.max_requests=5")
+
+
+def test_flexllm_interleaves_in_time_up_to_its_target_and_harli_overlaps_for_more():
+    """FlexLLM-style token budgets stretch each decode iteration to 0.9 x the TPOT SLO (time sharing);
+    Harli's SM partition overlaps memory-bound decode with compute-bound finetuning under the same
+    SLO and trains more."""
+    slo = 0.025
+    flex = run_sim("policy=flexllm", *SLICE, f"slo.tpot_s={slo}")
+    assert flex.summary["tpot_p50_s"] == pytest.approx(0.9 * slo, rel=0.03)
+    assert flex.summary["slo_attainment"] >= 0.99
+    harli = run_sim("policy=harli", *SLICE, f"slo.tpot_s={slo}")
+    assert harli.summary["slo_attainment"] >= 0.99
+    assert harli.summary["train_tokens_per_s"] > 1.1 * flex.summary["train_tokens_per_s"]

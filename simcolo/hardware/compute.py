@@ -8,7 +8,8 @@ A serving instance is a *resident*: rather than one kernel per iteration (which 
 serving model's fast advance), it tells the GPU which kind of iteration it is running (``prefill``,
 ``decode`` or idle) and the GPU tells it the rate it progresses at, whenever that changes; the
 instance re-times its own iterations (``Instance.set_rate``). ``sm_share`` is the SM fraction of the
-serving side when a policy partitions the GPU (Harli); ``None`` means plain streams.
+serving side when a policy partitions the GPU (Harli); ``None`` means plain streams. ``time_slice``
+interleaves the two sides in time instead (token-level interleaving, FlexLLM-style).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class SharedCompute:
         self.running: list[Kernel] = []
         self.residents: dict[object, str] = {}   # resident -> kind it is running now
         self.sm_share: float | None = None
+        self.time_slice: float | None = None   # training's share of time when interleaved (FlexLLM-style)
         self._last_s = env.now
         self._finishing = False  # inside a finish callback: rates are recomputed once, after it
         self.busy_s = 0.0        # time with anything running
@@ -95,6 +97,25 @@ class SharedCompute:
         self.sm_share = share
         self._reschedule()
 
+    def set_time_slice(self, fraction: float | None) -> None:
+        """Interleave in time instead of co-running: while both sides have work, training kernels get
+        ``fraction`` of the GPU's time and the serving side the rest, each at full speed in its slice
+        (no contention, no overlap); ``None`` ends it."""
+        if fraction is not None and not 0.0 < fraction < 1.0:
+            raise ValueError(f"time slice must be in (0, 1), got {fraction}")
+        if fraction == self.time_slice:
+            return
+        self._charge()
+        self.time_slice = fraction
+        self._reschedule()
+
+    def _rates(self, kinds: list[str]) -> list[float]:
+        n = len(self.running)
+        if self.time_slice is not None and n and len(kinds) > n:
+            f = self.time_slice
+            return [f / n] * n + [1.0 - f] * (len(kinds) - n)
+        return self.interference.rates(kinds, self.sm_share)
+
     def busy_at(self, now: float) -> float:
         """Busy seconds up to ``now`` (a pure query: counts the interval since the last change)."""
         if self.running or self.residents:
@@ -121,7 +142,7 @@ class SharedCompute:
         kinds = [k.kind for k in self.running]
         if residents:
             kinds += residents.values()
-        rates = self.interference.rates(kinds, self.sm_share) if kinds else []
+        rates = self._rates(kinds) if kinds else []
         now = self.env.now
         n = len(self.running)
         for k, rate in zip(self.running, rates):
@@ -165,6 +186,6 @@ class SharedCompute:
         if not self.residents:
             return
         kinds = [k.kind for k in self.running] + list(self.residents.values())
-        rates = self.interference.rates(kinds, self.sm_share)
+        rates = self._rates(kinds)
         for resident, rate in zip(list(self.residents), rates[len(self.running):]):
             resident.set_rate(self.index, rate)

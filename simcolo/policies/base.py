@@ -113,10 +113,14 @@ class FinetunePolicy(RoutingPolicy):
 
     layout = "finetune"
     static_memory: bool = False
+    #: how the plan's knob is applied on the GPU: ``partition`` (the decode SM share, or None for plain
+    #: streams) or ``time_slice`` (the finetune's fraction of each decode iteration's time)
+    sharing: str = "partition"
 
     @abstractmethod
     def plan_finetune(self, state, predictor: CostPredictor, running_micro_batch: int | None
                       ) -> tuple[float | None, int, float]:
-        """Return (decode SM share or None for no partition, micro-batch size, predicted co-run decode
-        iteration latency). ``running_micro_batch``: the micro-batch already running (only the share
-        may change; a size of 0 asks to stop it)."""
+        """Return (knob, micro-batch size, predicted co-run decode iteration latency). The knob is the
+        decode SM share (None: no partition) or, with ``sharing = "time_slice"``, the finetune's share of
+        time. ``running_micro_batch``: the micro-batch already running (only the knob may change; a size
+        of 0 asks to stop it)."""

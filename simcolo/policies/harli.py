@@ -12,9 +12,12 @@ prefill/decode disaggregated deployment.
   stops (a running micro-batch is aborted and recomputed later). Unified memory with decode priority.
 * ``static_share`` — a fixed decode share and micro-batch, no latency check, and a static memory
   carve-out that decode cannot reclaim (the usual way to co-locate without Harli's parts).
-* ``flexllm`` — token-level interleaving in the style of FlexLLM, modelled as co-running on plain
-  streams (no SM partition) with the same QoS gate and unified memory: finetuning runs only while the
-  predicted co-run decode latency meets the TPOT SLO.
+* ``flexllm`` — token-level interleaving in the style of FlexLLM: finetune tokens ride in the decode
+  iterations, so the two share the GPU *in time* (no overlap): the finetune's token budget per
+  iteration is what stretches the decode iteration from its solo latency to ``decode_slo_fraction``
+  (0.9) x the TPOT SLO, i.e. a time fraction ``1 - decode_solo / target`` (no finetuning when the solo
+  decode already misses it; the headroom absorbs prefill stalls and KV growth, which a budget aimed
+  at the SLO itself breaks); unified memory with decode priority, as Harli.
 
 Decisions: the decode-side slowdown does not depend on the micro-batch size (the table measures one
 finetune shape; a kernel's instantaneous contention does not grow with its length); the micro-batch
@@ -22,6 +25,7 @@ is bounded by memory and ``max_micro_batch``; ties go to the larger decode share
 """
 from __future__ import annotations
 
+from simcolo.errors import ConfigError
 from simcolo.policies.base import FinetunePolicy
 from simcolo.policies.least_outstanding import least_outstanding
 
@@ -105,6 +109,13 @@ class StaticShare(_FinetuneBase):
 
 class FlexLLM(_FinetuneBase):
     name = "flexllm"
+    sharing = "time_slice"
+
+    def __init__(self, cfg, rng=None):
+        super().__init__(cfg, rng)
+        self.target = float(cfg["decode_slo_fraction"])
+        if not 0 < self.target <= 1:
+            raise ConfigError(f"policy.decode_slo_fraction must be in (0, 1], got {self.target}")
 
     def plan_finetune(self, state, predictor, running_micro_batch):
         mb = running_micro_batch or self._mb_limit(state, predictor)
@@ -112,7 +123,9 @@ class FlexLLM(_FinetuneBase):
             return None, 0, 0.0
         if state.decode_batch == 0:
             return None, mb, 0.0
-        predicted = predictor.decode_corun_s(state.decode_batch, self._kv(state), None)
-        if predicted > predictor.tpot_slo_s:
-            return None, 0, predicted
-        return None, mb, predicted
+        solo = predictor.decode_solo_s(state.decode_batch, self._kv(state))
+        target = self.target * predictor.tpot_slo_s
+        if solo >= target:
+            return None, 0, solo
+        fraction = 1.0 - solo / target
+        return fraction, mb, solo / (1.0 - fraction)

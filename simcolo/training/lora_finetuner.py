@@ -137,7 +137,7 @@ class LoraFinetuner:
                 self._abort()
                 self._release_blocks()
             else:
-                self.gpu.compute.set_share(share)
+                self._apply(share)
         elif self.kernel is None and self.pool.available:
             self.wake()
 
@@ -160,12 +160,18 @@ class LoraFinetuner:
         if need:
             self.inst.lend(need)
             self.held += need
-        self.gpu.compute.set_share(share)
+        self._apply(share)
         self.mb = mb
         self.taken = self.pool.take(mb)
         work = self.predictor.lora_step_s(mb, self.seq_len)
         start = self.env.now
         self.kernel = self.gpu.compute.start("lora", work, lambda: self._done(start))
+
+    def _apply(self, knob: float | None) -> None:
+        if self.policy.sharing == "time_slice":
+            self.gpu.compute.set_time_slice(knob)
+        else:
+            self.gpu.compute.set_share(knob)
 
     def reserve_static(self, blocks: int) -> None:
         """Static-share baseline: carve ``blocks`` out of the KV pool for good."""
