@@ -25,6 +25,8 @@ is bounded by memory and ``max_micro_batch``; ties go to the larger decode share
 """
 from __future__ import annotations
 
+import math
+
 from simcolo.errors import ConfigError
 from simcolo.policies.base import FinetunePolicy
 from simcolo.policies.least_outstanding import least_outstanding
@@ -127,5 +129,9 @@ class FlexLLM(_FinetuneBase):
         target = self.target * predictor.tpot_slo_s
         if solo >= target:
             return None, 0, solo
-        fraction = 1.0 - solo / target
+        # in whole percent, rounded down: the decode side keeps a little more than it needs, and the
+        # budget does not change (re-timing both sides) at every iteration as the KV grows
+        fraction = math.floor((1.0 - solo / target) * 100.0) / 100.0
+        if fraction <= 0.0:
+            return None, 0, solo
         return fraction, mb, solo / (1.0 - fraction)
