@@ -88,6 +88,9 @@ def test_side_by_side_table_in_process(policy_sweep):
         assert table.loc["ttft_p99_s", policy] == s["ttft_p99_s"]
     text = format_table(table)
     assert len({len(line) for line in text.splitlines()}) == 1     # fixed width
+    turned = format_table(table.T, corner="run").splitlines()      # large sweeps print a line per run
+    assert turned[0].startswith("run ") and "slo_attainment" in turned[0]
+    assert [line.split()[0] for line in turned[1:]] == list(POLICIES)
 
 
 def test_keys_a_run_lacks_are_nan_and_shown_as_dashes(policy_sweep, tmp_path):

@@ -216,13 +216,18 @@ def _cell(value: Any) -> str:
     return f"{v:.4f}"
 
 
-def format_table(table: pd.DataFrame) -> str:
-    """Fixed-width text of a :func:`comparison_table` (what the sweep prints at its end)."""
+#: with more runs than this the printed table turns around: one line per run, metrics as columns
+MAX_RUNS_AS_COLUMNS = 6
+
+
+def format_table(table: pd.DataFrame, corner: str = "metric") -> str:
+    """Fixed-width text of a :func:`comparison_table` (what the sweep prints at its end); ``corner``
+    names the row labels (``run`` for a transposed table)."""
     cells = [[_cell(v) for v in row] for row in table.itertuples(index=False)]
     cols = [str(c) for c in table.columns]
-    first = max([len("metric"), *(len(str(i)) for i in table.index)])
+    first = max([len(corner), *(len(str(i)) for i in table.index)])
     widths = [max(len(c), *(len(r[j]) for r in cells)) if cells else len(c) for j, c in enumerate(cols)]
-    lines = ["metric".ljust(first) + "".join(f"  {c:>{w}}" for c, w in zip(cols, widths))]
+    lines = [corner.ljust(first) + "".join(f"  {c:>{w}}" for c, w in zip(cols, widths))]
     for name, row in zip(table.index, cells):
         lines.append(str(name).ljust(first) + "".join(f"  {v:>{w}}" for v, w in zip(row, widths)))
     return "\n".join(lines)
@@ -283,7 +288,11 @@ def _report(multirun_dir: str | Path, plots: bool, quiet: bool) -> list[Path]:
         print(f"\ncomparison of {len(df)} run{'s' if len(df) != 1 else ''} in {multirun_dir}"
               + (f" ({len(incomplete)} incomplete jobs left out: {', '.join(incomplete)})" if incomplete else "")
               + ":")
-        print(format_table(comparison_table(df)))
+        table = comparison_table(df)
+        if table.shape[1] <= MAX_RUNS_AS_COLUMNS:
+            print(format_table(table))
+        else:   # a large sweep: a line per run reads better than a column per run
+            print(format_table(table.T, corner="run"))
         print(f"comparison: {', '.join(str(p) for p in paths)}")
     return paths
 
