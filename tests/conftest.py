@@ -1,5 +1,7 @@
+import json
 import warnings
 
+import pandas as pd
 import pytest
 
 from simcolo.configs import load_config
@@ -22,3 +24,18 @@ def _single_thread():
     except ImportError:  # pragma: no cover - torch is a project dependency
         return
     torch.set_num_threads(1)
+
+
+def edit_csv(directory, name, change):
+    """Rewrite ``<directory>/<name>.csv`` as ``change(DataFrame)``; returns its path (bad-table tests)."""
+    path = directory / f"{name}.csv"
+    change(pd.read_csv(path)).to_csv(path, index=False)
+    return path
+
+
+def edit_meta(directory, change):
+    """Apply ``change`` to the directory's metadata.json in place."""
+    path = directory / "metadata.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))

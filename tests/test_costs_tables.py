@@ -1,13 +1,13 @@
 """Loading and validation of cost-table directories: every defect is a TableError that says where."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import edit_csv, edit_meta
 from simcolo.costs import CostModel, cost_model_for
 from simcolo.costs.roofline import generate
 from simcolo.errors import TableError
@@ -18,20 +18,6 @@ from simcolo.paths import TABLES_DIR
 def good(tmp_path):
     """A real roofline directory for the tiny model, to be corrupted by each test."""
     return generate("h100-sxm", "tiny", 1, tmp_path / "h100-sxm__tiny__tp1")
-
-
-def edit_csv(directory, name, change):
-    path = directory / f"{name}.csv"
-    df = change(pd.read_csv(path))
-    df.to_csv(path, index=False)
-    return path
-
-
-def edit_meta(directory, change):
-    path = directory / "metadata.json"
-    meta = json.loads(path.read_text())
-    change(meta)
-    path.write_text(json.dumps(meta))
 
 
 def test_good_directory_loads(good):

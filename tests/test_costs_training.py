@@ -3,7 +3,6 @@ a real CPU calibration, and real files corrupted on purpose."""
 from __future__ import annotations
 
 import csv
-import json
 import re
 import shutil
 
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 
 from calibrate.harness import load_config, run
+from conftest import edit_csv, edit_meta
 from simcolo.costs import CostModel, InterferenceTable, OffGridWarning, TrainingCosts
 from simcolo.costs.roofline import generate
 from simcolo.costs.schema import TRAINING_PHASES
@@ -35,19 +35,6 @@ def it():
 def tiny(tmp_path):
     """A real roofline directory for the tiny model, to be corrupted by each test."""
     return generate("h100-sxm", "tiny", 1, tmp_path / "h100-sxm__tiny__tp1")
-
-
-def edit_csv(directory, name, change):
-    path = directory / f"{name}.csv"
-    change(pd.read_csv(path)).to_csv(path, index=False)
-    return path
-
-
-def edit_meta(directory, change):
-    path = directory / "metadata.json"
-    meta = json.loads(path.read_text())
-    change(meta)
-    path.write_text(json.dumps(meta))
 
 
 def csv_rows(path):

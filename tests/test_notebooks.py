@@ -7,13 +7,19 @@ from nbclient import NotebookClient
 from simcolo.paths import PROJECT_ROOT
 
 
-def test_serving_runs_notebook_executes():
-    path = PROJECT_ROOT / "notebooks" / "serving_runs.ipynb"
+def _execute(name: str) -> list:
+    """Run notebooks/<name> top to bottom; returns every code cell output (none may be an error)."""
+    path = PROJECT_ROOT / "notebooks" / name
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(Path(path).parent)}}).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
+    return outputs
+
+
+def test_serving_runs_notebook_executes():
+    outputs = _execute("serving_runs.ipynb")
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "2 runs" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
@@ -23,12 +29,7 @@ def test_colocation_comparison_notebook_executes(tmp_path, monkeypatch):
     """Unset SIMCOLO_MULTIRUN_DIR: the notebook runs its own small sweep (into a temp dir under tmp_path)."""
     monkeypatch.delenv("SIMCOLO_MULTIRUN_DIR", raising=False)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    path = PROJECT_ROOT / "notebooks" / "colocation_comparison.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(Path(path).parent)}}).execute()
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert not [o for o in outputs if o.output_type == "error"]
+    outputs = _execute("colocation_comparison.ipynb")
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "3 runs: isolated, lemix, harli" in text
     table = next(o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}))

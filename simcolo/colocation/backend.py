@@ -95,7 +95,7 @@ class Colocation:
                               "(policies harli, static_share, flexllm); set it to false")
         builder = {"isolated": self._isolated, "pipelines": self._pipelines, "finetune": self._finetune}[self.kind]
         self.system = builder(cfg, layout, batching, sink, itl, float(slo["ttft_s"]), float(slo["tpot_s"]))
-        self.stream = TrainingStream(env, tcfg["data"], self.micro_batch, self.seq_len, seed, self._on_task) \
+        self.stream = TrainingStream(env, tcfg["data"], self.micro_batch, self.seq_len, seed, self._place) \
             if self.training_on else None
 
     # ------------------------------------------------------------------ helpers
@@ -111,8 +111,8 @@ class Colocation:
             raise ConfigError(f"costs.interference '{mode}' is unknown; expected table or none")
         for g in self.cluster.gpus:
             g.compute.interference = TableInterference(self.interference)
-        p = SimPredictor(cost, self.training_costs, self.interference, self.model, self.cfg["training"],
-                         ttft, tpot, block_bytes)
+        p = SimPredictor(cost, self.training_costs, self.interference, self.cfg["training"], ttft, tpot,
+                         block_bytes)
         self.policy.bind(p)
         return p
 
@@ -241,7 +241,6 @@ class Colocation:
         system.entry_views = self.nodes
         system.on_dispatch = self._on_dispatch
         self._place = self._place_on_node
-        self._pred = pred
         return system
 
     def _memory_gate(self, system, threshold):
@@ -263,7 +262,7 @@ class Colocation:
         self.nodes[inst.index].placed(self.env.now, r.prompt_tokens, False)
 
     def _place_on_node(self, task) -> None:
-        i = self.policy.place_training(task, self.nodes, self._pred, self.env.now)
+        i = self.policy.place_training(task, self.nodes, self.policy.predictor, self.env.now)
         if i is None:
             self.deferred.append(task)
             return
@@ -274,7 +273,7 @@ class Colocation:
     def _retry_deferred(self) -> None:
         while self.deferred:
             task = self.deferred[0]
-            i = self.policy.place_training(task, self.nodes, self._pred, self.env.now)
+            i = self.policy.place_training(task, self.nodes, self.policy.predictor, self.env.now)
             if i is None:
                 return
             self.deferred.pop(0)
@@ -332,9 +331,6 @@ class Colocation:
                 trainer.close(now)
 
     # ------------------------------------------------------------------ the training stream
-    def _on_task(self, task) -> None:
-        self._place(task)
-
     def _task_done(self, task) -> None:
         self.tasks_done += 1
         self.tokens_done += task.tokens

@@ -6,10 +6,9 @@ import math
 
 
 class SimPredictor:
-    def __init__(self, cost, training_costs, interference, model, cfg_training, ttft_slo_s: float,
+    def __init__(self, cost, training_costs, interference, cfg_training, ttft_slo_s: float,
                  tpot_slo_s: float, block_bytes: float = 0.0):
         self.cost, self.tc, self.interference = cost, training_costs, interference
-        self.model = model
         self.ttft_slo_s, self.tpot_slo_s = ttft_slo_s, tpot_slo_s
         self.block_bytes = block_bytes
         self.micro_batch = int(cfg_training["micro_batch"])

@@ -92,7 +92,18 @@ def _cell(df: pd.DataFrame, column: str, i: int) -> str:
     return repr(value.item() if hasattr(value, "item") else value)
 
 
-def _numeric_column(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+def require_columns(df: pd.DataFrame, name: str, columns, path: Path, optional=()) -> None:
+    """The table ``name`` read from ``path`` has every one of ``columns`` and at least one row."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        extra = f" (optional: {list(optional)})" if optional else ""
+        raise TableError(f"{path}: table '{name}' lacks column(s) {missing}; expected columns "
+                         f"{list(columns)}{extra}, found {list(df.columns)}")
+    if len(df) == 0:
+        raise TableError(f"{path}: table '{name}' has no rows")
+
+
+def numeric_column(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
@@ -104,13 +115,8 @@ def _numeric_column(df: pd.DataFrame, column: str, path: Path) -> np.ndarray:
 
 def grid_from_frame(df: pd.DataFrame, spec: TableSpec, path: Path) -> Grid:
     """Validate ``df`` against ``spec`` and reshape it to a :class:`Grid`. ``path`` is for messages."""
-    missing = [c for c in spec.columns if c not in df.columns]
-    if missing:
-        raise TableError(f"{path}: table '{spec.name}' lacks column(s) {missing}; expected columns "
-                         f"{list(spec.columns)} (optional: {list(spec.optional)}), found {list(df.columns)}")
-    if len(df) == 0:
-        raise TableError(f"{path}: table '{spec.name}' has no rows")
-    columns = {c: _numeric_column(df, c, path) for c in (*spec.columns, *spec.optional) if c in df.columns}
+    require_columns(df, spec.name, spec.columns, path, spec.optional)
+    columns = {c: numeric_column(df, c, path) for c in (*spec.columns, *spec.optional) if c in df.columns}
     for key in spec.keys:
         v = columns[key]
         bad = np.flatnonzero((v != np.round(v)) | (v < 1))

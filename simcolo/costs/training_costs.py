@@ -42,7 +42,7 @@ import pandas as pd
 
 from simcolo.costs.interp import MIN_LATENCY_S, OffGrid, cell
 from simcolo.costs.schema import METADATA_FILE, RESERVED_COLUMNS, TRAINING_PHASES, stage_layers
-from simcolo.costs.tables import _cell, _row_label, read_frame, read_metadata
+from simcolo.costs.tables import _cell, _row_label, numeric_column, read_frame, read_metadata, require_columns
 from simcolo.errors import TableError
 
 _MAX_LISTED = 6
@@ -60,13 +60,7 @@ def read_reserved_table(directory: Path, meta: dict, name: str, hint: str = "") 
                          f"{sorted(tables)}){hint}")
     path = Path(directory) / tables[name]
     df = read_frame(path)
-    expected = RESERVED_COLUMNS[name]
-    missing = [c for c in expected if c not in df.columns]
-    if missing:
-        raise TableError(f"{path}: table '{name}' lacks column(s) {missing}; expected columns {list(expected)}, "
-                         f"found {list(df.columns)}")
-    if len(df) == 0:
-        raise TableError(f"{path}: table '{name}' has no rows")
+    require_columns(df, name, RESERVED_COLUMNS[name], path)
     return path, df
 
 
@@ -75,12 +69,7 @@ def numbers(df: pd.DataFrame, column: str, path: Path, *, integer: bool = False,
     """Column ``column`` as a list of Python numbers (ints with ``integer``), every value checked to be
     finite, integral, >= (``strict``: >) ``minimum`` and <= ``maximum``; the first offender is a
     TableError saying ``expected``."""
-    values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise TableError(f"{path}: {_row_label(path, i)}, column '{column}': {_cell(df, column, i)} "
-                         "is not a finite number")
+    values = numeric_column(df, column, path)
     bad = np.zeros(len(values), dtype=bool)
     if integer:
         bad |= values != np.round(values)

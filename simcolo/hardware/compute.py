@@ -89,24 +89,21 @@ class SharedCompute:
 
     def set_share(self, share: float | None) -> None:
         """Partition the SMs: ``share`` to the serving side, the rest to training (``None``: streams)."""
-        if share is not None and not 0.0 < share < 1.0:
-            raise ValueError(f"SM share must be in (0, 1), got {share}")
-        if share == self.sm_share:
-            return
-        self._charge()
-        self.sm_share = share
-        self._reschedule()
+        self._set_knob("sm_share", share, "SM share")
 
     def set_time_slice(self, fraction: float | None) -> None:
         """Interleave in time instead of co-running: while both sides have work, training kernels get
         ``fraction`` of the GPU's time and the serving side the rest, each at full speed in its slice
         (no contention, no overlap); ``None`` ends it."""
-        if fraction is not None and not 0.0 < fraction < 1.0:
-            raise ValueError(f"time slice must be in (0, 1), got {fraction}")
-        if fraction == self.time_slice:
+        self._set_knob("time_slice", fraction, "time slice")
+
+    def _set_knob(self, name: str, value: float | None, what: str) -> None:
+        if value is not None and not 0.0 < value < 1.0:
+            raise ValueError(f"{what} must be in (0, 1), got {value}")
+        if value == getattr(self, name):
             return
         self._charge()
-        self.time_slice = fraction
+        setattr(self, name, value)
         self._reschedule()
 
     def _rates(self, kinds: list[str]) -> list[float]:
@@ -135,10 +132,10 @@ class SharedCompute:
                     k.remaining = max(0.0, k.remaining - k.rate * dt)
         self._last_s = now
 
-    def _reschedule(self, residents_too: bool = True) -> None:
+    def _reschedule(self) -> None:
         """Give every kernel (and resident) its rate for the current set; a kernel whose rate did not
         change keeps its finish timer (its finish time did not change)."""
-        residents = self.residents if residents_too else {}
+        residents = self.residents
         kinds = [k.kind for k in self.running]
         if residents:
             kinds += residents.values()
@@ -170,22 +167,6 @@ class SharedCompute:
                 kernel.on_done()
             finally:
                 self._finishing = False
-            self._reschedule()
-            return
-        kernel.done.succeed(self.env.now - kernel.started_s)
-        if self.residents:
-            # The finished kernel's successor usually starts at this same instant (from the done
-            # event's callbacks): tell the residents their rate only after that, so that a serving
-            # run is not cut and re-timed twice for a zero-length gap.
-            self._reschedule(residents_too=False)
-            At(self.env, self.env.now).callbacks.append(self._refresh_residents)
         else:
-            self._reschedule()
-
-    def _refresh_residents(self, _ev) -> None:
-        if not self.residents:
-            return
-        kinds = [k.kind for k in self.running] + list(self.residents.values())
-        rates = self._rates(kinds)
-        for resident, rate in zip(list(self.residents), rates[len(self.running):]):
-            resident.set_rate(self.index, rate)
+            kernel.done.succeed(self.env.now - kernel.started_s)
+        self._reschedule()

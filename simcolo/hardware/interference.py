@@ -59,8 +59,7 @@ class TableInterference:
 
     def __init__(self, table):
         self.table = table
-        self._cache: dict[tuple[str, str, float | None], tuple[float, float]] = {}
-        self._rates: dict[tuple, list[float]] = {}
+        self._rates: dict[tuple, list[float]] = {}   # (*kinds, share) -> rates
 
     def rates(self, kinds: Sequence[str], share: float | None = None) -> list[float]:
         key = (*kinds, share)
@@ -81,9 +80,6 @@ class TableInterference:
         b = TRAINING_CLASS.get(training[0])
         if b is None:
             raise ValueError(f"unknown training kernel kind '{training[0]}'; expected one of {sorted(TRAINING_CLASS)}")
-        key = (serving[0], b, share)
-        sd = self._cache.get(key)
-        if sd is None:
-            sd = self._cache[key] = self.table.slowdown(serving[0], b, share)
+        sd = self.table.slowdown(serving[0], b, share)
         ra, rb = 1.0 / sd[0], 1.0 / sd[1] / len(training)
         return [ra if k in SERVING_KINDS else rb for k in kinds]

@@ -46,7 +46,7 @@ class TimelineSampler:
             kv_bytes = used_blocks * budget.block_bytes
             for g in inst.gpus:
                 seen.add(g)
-                busy = gpus[g].compute.busy_at(now) if inst._computes else inst.busy_s
+                busy = gpus[g].compute.busy_at(now) if inst.attached else inst.busy_s
                 rows.append((g, inst.index, len(inst.waiting), len(inst.running) + len(inst.prefilling),
                              used_blocks, kv_bytes, busy))
         for gpu in gpus:

@@ -27,7 +27,7 @@ def gpu_busy_s(system, colo) -> list[float]:
     instance's own busy time (serving-only GPUs never go through the shared compute)."""
     busy = [g.compute.busy_s for g in system.cluster.gpus]
     for inst in system.instances:
-        if not inst._computes:
+        if not inst.attached:
             for g in inst.gpus:
                 busy[g] = max(busy[g], inst.busy_s)
     return busy

@@ -195,6 +195,11 @@ class Instance:
         """Run on these GPUs' shared compute: tell them what runs, take the rate they give."""
         self._computes = list(computes)
 
+    @property
+    def attached(self) -> bool:
+        """True if it runs on shared compute (its GPUs' busy clocks then count its iterations)."""
+        return bool(self._computes)
+
     def _begin(self, kind: str | None) -> None:
         if kind != self._kind:
             self._kind = kind

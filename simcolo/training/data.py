@@ -123,8 +123,3 @@ class TrainingStream:
         self.completed += 1
         if self.kind == "backlog":
             self._new()
-
-    @property
-    def open_ended(self) -> bool:
-        """True if the stream never ends by itself (the run ends when serving does)."""
-        return self.kind in ("backlog", "jobs") or (self.kind == "poisson" and not self._share_mean)

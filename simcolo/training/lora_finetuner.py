@@ -29,8 +29,6 @@ class FinetuneState:
     decode_kv_tokens: int
     lendable_blocks: int      # KV blocks it could borrow now (beyond what it holds)
     held_blocks: int
-    block_bytes: float
-    running_micro_batch: int  # 0 if no micro-batch is running
 
 
 class SequencePool:
@@ -85,7 +83,6 @@ class LoraFinetuner:
         self.policy, self.predictor = policy, predictor
         self.seq_len, self.global_batch, self.static_memory = seq_len, global_batch, static_memory
         self.on_task_done, self.on_step = on_task_done, on_step
-        self.block_bytes = predictor.block_bytes
         self.kernel = None
         self.taken = None
         self.mb = 0
@@ -95,7 +92,6 @@ class LoraFinetuner:
         self.tokens_done = 0
         self.sequences_done = 0
         self.aborted_microbatches = 0
-        self.busy_s = 0.0
         # every plan asked of the policy: (time, decode batch, KV tokens, share, micro-batch, predicted
         # co-run decode latency); bounded, for checks and analysis
         self.plans: list[tuple[float, int, int, float | None, int, float]] = []
@@ -111,8 +107,7 @@ class LoraFinetuner:
     # ------------------------------------------------------------------ state for the policy
     def state(self) -> FinetuneState:
         inst = self.inst
-        return FinetuneState(len(inst.running), inst.kv_total, inst.lendable_blocks(), self.held,
-                             self.block_bytes, self.mb if self.kernel is not None else 0)
+        return FinetuneState(len(inst.running), inst.kv_total, inst.lendable_blocks(), self.held)
 
     def _log_plan(self, share, mb, predicted) -> None:
         if len(self.plans) < 100_000:
@@ -164,8 +159,7 @@ class LoraFinetuner:
         self.mb = mb
         self.taken = self.pool.take(mb)
         work = self.predictor.lora_step_s(mb, self.seq_len)
-        start = self.env.now
-        self.kernel = self.gpu.compute.start("lora", work, lambda: self._done(start))
+        self.kernel = self.gpu.compute.start("lora", work, self._done)
 
     def _apply(self, knob: float | None) -> None:
         if self.policy.sharing == "time_slice":
@@ -183,9 +177,8 @@ class LoraFinetuner:
             self.inst.give_back(self.held)
             self.held = 0
 
-    def _done(self, start: float) -> None:
+    def _done(self) -> None:
         now = self.env.now
-        self.busy_s += now - start
         self.kernel = None
         self._release_blocks()
         self.micro_batches += 1

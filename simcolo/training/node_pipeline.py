@@ -56,8 +56,6 @@ class NodePipeline:
         self.opt_due = [0] * self.S                  # optimizer steps owed by each stage
         self.steps_done = [0] * self.S
         self.version = 0
-        self.tasks_done = 0
-        self.tokens_done = 0
         self.train_busy_s = [0.0] * self.S
         # work not yet done per stage (forwards and backwards of placed tasks), for predictions
         self.n_f = [0] * self.S
@@ -173,8 +171,6 @@ class NodePipeline:
         self.inflight -= 1
         if self.inflight == 0:
             self.active_s += self.env.now - self._active_since
-        self.tasks_done += 1
-        self.tokens_done += task.tokens
         self.on_task_done(task)
         self._release()
 

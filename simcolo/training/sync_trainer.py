@@ -34,8 +34,6 @@ class SyncTrainer:
         self.on_task_done, self.on_step = on_task_done, on_step
         self.queue: deque[TrainTask] = deque()
         self.version = 0
-        self.tasks_done = 0
-        self.tokens_done = 0
         self.stage_busy_s = 0.0      # forward + backward time summed over stages (for the bubble rate)
         self.stage_span_s = 0.0      # stages x forward/backward span of each step
         self._running = False
@@ -69,8 +67,6 @@ class SyncTrainer:
             self.version += 1
             for t in tasks:
                 t.finish_s = env.now
-                self.tasks_done += 1
-                self.tokens_done += t.tokens
                 self.on_task_done(t)
             self.on_step(self.version, start, env.now, len(tasks), sum(t.tokens for t in tasks))
         self._running = False
