@@ -1,8 +1,9 @@
 """Co-run interference (``interference``): an inference iteration (side a: ``prefill`` or ``decode``)
 running beside training work (side b: ``train``, forward + backward of the first pipeline stage of
-``num_stages``, or ``lora``, forward + backward of the whole model with LoRA adapters) on one GPU.
+``num_stages``, or ``lora``, forward + backward of the whole model with LoRA adapters) on one GPU, or,
+on the CPU, in two threads of one process.
 
-Each side is a callable that launches one iteration. A measurement:
+Each side is a callable that launches (on the CPU: runs) one iteration. A measurement on CUDA:
 
 1. *alone*: each side runs ``n`` iterations on a plain CUDA stream with the GPU to itself; its
    per-iteration latency is timed with CUDA events (``latency_*_alone_s``);
@@ -21,15 +22,60 @@ Methods (column ``method``):
   ``sm_share_a`` of the SMs (rounded up to the driver's granularity; the share actually obtained is
   recorded), side b the rest. The slowdowns are relative to the *whole-GPU* solo latencies, so they
   include the effect of having fewer SMs.
+* ``threads`` (``device=cpu``): each side runs in its own ``threading.Thread`` of this one Python
+  process, as the live replay's CPU mode runs a serving instance and a trainer. torch releases the GIL
+  inside its ops, so the ops of the two sides overlap on the cores (each op with
+  ``torch.get_num_threads()`` intra-op threads, the calibration's ``threads`` setting), while the
+  Python between the ops contends for the GIL. No partition: ``sm_share_a`` = ``sm_share_a_actual`` =
+  ``sm_share_b`` = 1. To compare with a CPU replay, which sets ``torch.set_num_threads(1)``, calibrate
+  with ``threads=1`` (its prefill/decode/training tables then match too): with more intra-op threads
+  per side than half the cores the two sides' thread pools oversubscribe the cores and the slowdowns
+  become erratic (some below 1).
+
+  *alone*: ``n`` iterations (``n`` such that they last about ``duration_s``, at least 3) back to back
+  in a thread by itself (the main thread only waits for it), timed with ``time.perf_counter``. Each of
+  the ``repeats`` rounds times a alone, b alone, then both together (about ``3 * duration_s``);
+  ``slowdown_x`` is the median over the rounds of the round's together / alone ratio, and the latency
+  columns are the medians over the rounds of each latency (so ``slowdown_x`` is close to, not exactly,
+  ``latency_x_s / latency_x_alone_s``). On a CPU shared with other work the alone latencies drift by
+  tens of percent from one second to the next; a ratio within one round (a tenth of a second) cancels
+  that drift, where one alone block measured before all the co-runs would turn it into the slowdown.
+  *together*: both threads start at a ``threading.Barrier`` and run iterations back to back; each
+  records ``time.perf_counter`` at its start and after every iteration, so its iterations tile its
+  running time without gaps (loop overhead and any wait for the GIL between two iterations count to
+  the next one, as in the alone loop). A side is *ready* once it has run ``duration_s`` and completed
+  ``MIN_ITERATIONS + 2`` iterations; the side that becomes ready second sets a shared stop flag, and
+  both stop after their current iteration. The *overlap window* is from the later of the two starts
+  to the earlier of the two last iteration ends: both threads run an iteration at every instant of
+  it. A side's co-run latency is the mean of its iterations that lie entirely inside the window
+  (``CoRun.latency``). Choices, and why:
+
+  - with the shared stop flag neither side stops before both have run ``duration_s``, so the window
+    lasts at least ``duration_s`` minus the start skew at the barrier (microseconds to a GIL switch);
+    a side that finished its count alone would otherwise run its last iterations by itself and look
+    faster;
+  - the partial iterations at the window's ends (the first iteration of the side released first at
+    the barrier, and the iteration a side finishes after the other stopped) ran partly alone and are
+    left out, not prorated: progress within an iteration is not uniform in time, so a prorated
+    fraction would be biased; all iterations of one side have the same work, so leaving out the two
+    ends picks no faster or slower ones;
+  - ``MIN_ITERATIONS + 2`` iterations before a side is ready leave at least ``MIN_ITERATIONS`` whole
+    ones inside the window (one may be cut at the start, one at the end).
+
 * MPS active-thread percentages need one process per side and a running MPS daemon; calibrate does
   not drive those, and says so in the metadata.
 
-Without CUDA nothing is measured and the metadata says ``interference_method: "unavailable: no CUDA
-device"``.
+On a device that is neither CUDA nor the CPU nothing is measured and the metadata says
+``interference_method: "unavailable: no CUDA device"``.
 """
 from __future__ import annotations
 
+import os
 import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -41,6 +87,8 @@ from simcolo.errors import ConfigError
 
 MPS_NOTE = ("MPS not used: active-thread percentages need one process per side and a running MPS "
             "control daemon")
+#: ``threads``: whole iterations each side must have inside the overlap window of a co-run.
+MIN_ITERATIONS = 2
 
 
 # --------------------------------------------------------------------------------- green contexts
@@ -92,13 +140,29 @@ def green_context_status(device: torch.device) -> str | None:
 
 def describe_method(device: torch.device) -> tuple[str, str, list[str]]:
     """(``interference_method`` for the metadata, a note with the reasons, methods to measure)."""
+    if device.type == "cpu":
+        return "threads", threads_note(), ["threads"]
     if device.type != "cuda":
-        return "unavailable: no CUDA device", "no CUDA device: co-run interference needs a GPU", []
+        return "unavailable: no CUDA device", "no CUDA device: co-run interference needs a GPU or the CPU", []
     why = green_context_status(device)
     if why is None:
         return "green_context", f"green contexts via cuda-bindings, plus plain streams; {MPS_NOTE}", \
             ["streams", "green_context"]
     return "streams", f"green contexts unavailable: {why}; {MPS_NOTE}", ["streams"]
+
+
+def threads_note() -> str:
+    """How the ``threads`` method co-runs the sides here (for the metadata's ``interference_notes``)."""
+    seen: list[int] = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()), name="interference-probe")
+    probe.start()
+    probe.join()
+    return (f"CPU: side a and side b each in its own Python thread (threading.Thread) of one process, started "
+            f"together at a threading.Barrier; torch intra-op threads per side: {seen[0]} "
+            f"(torch.get_num_threads() in a worker thread), {os.cpu_count()} CPU cores; torch releases the GIL "
+            f"inside its ops, the Python between them contends for the GIL (switch interval "
+            f"{sys.getswitchinterval() * 1e3:g} ms); no SM partition (shares 1). Co-run latency: mean of each "
+            "side's whole iterations inside the window where both threads run (calibrate/measure_interference.py)")
 
 
 # --------------------------------------------------------------------------------- co-run timing
@@ -134,6 +198,121 @@ def _together(fa, sa, na: int, fb, sb, nb: int, ta: float, tb: float) -> tuple[f
     return a, b
 
 
+# ---------------------------------------------------------------------------- co-run timing: threads
+
+class _Worker(threading.Thread):
+    """A thread running ``body``; an exception it raises is kept and raised again by :meth:`result`."""
+
+    def __init__(self, body: Callable[[], Any], name: str):
+        super().__init__(name=name, daemon=True)
+        self.body, self.value, self.error = body, None, None
+
+    def run(self) -> None:
+        try:
+            self.value = self.body()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+
+    def result(self) -> Any:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _thread_alone(fn: Callable[[], None], n: int) -> float:
+    """Per-iteration latency of ``n`` back-to-back calls of ``fn`` in a thread by itself."""
+    def body() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    worker = _Worker(body, "interference-alone")
+    worker.start()
+    return worker.result()
+
+
+@dataclass(frozen=True)
+class CoRun:
+    """One ``threads`` co-run: ``bounds[side]`` is ``time.perf_counter`` at the side's start and after
+    each of its iterations (so iteration ``i`` spans ``bounds[side][i]`` .. ``bounds[side][i + 1]``);
+    side 0 is a, side 1 is b."""
+
+    bounds: tuple[list[float], list[float]]
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """(start, end) of the time both sides were running an iteration."""
+        a, b = self.bounds
+        return max(a[0], b[0]), min(a[-1], b[-1])
+
+    def inside(self, side: int) -> tuple[int, int]:
+        """Indices ``(i, j)`` into ``bounds[side]``: iterations ``i .. j - 1`` lie entirely in the window."""
+        w0, w1 = self.window
+        t = self.bounds[side]
+        i = next((k for k, x in enumerate(t) if x >= w0), len(t) - 1)
+        j = max((k for k, x in enumerate(t) if x <= w1), default=0)
+        return i, max(i, j)
+
+    def iterations(self, side: int) -> int:
+        i, j = self.inside(side)
+        return j - i
+
+    def latency(self, side: int) -> float:
+        """Mean latency of ``side``'s iterations inside the window."""
+        i, j = self.inside(side)
+        if j <= i:
+            raise RuntimeError(f"interference co-run: side {'ab'[side]} has no whole iteration inside the "
+                               "overlap window")
+        t = self.bounds[side]
+        return (t[j] - t[i]) / (j - i)
+
+
+def _threads_together(fa: Callable[[], None], fb: Callable[[], None], duration_s: float,
+                      min_iterations: int = MIN_ITERATIONS) -> CoRun:
+    """Run ``fa`` and ``fb`` back to back in two threads started at a barrier until both have run
+    ``duration_s`` and ``min_iterations + 2`` iterations (module docstring, method ``threads``)."""
+    barrier = threading.Barrier(2)
+    stop = threading.Event()
+    lock = threading.Lock()
+    ready = [False, False]
+    bounds: tuple[list[float], list[float]] = ([], [])
+
+    def body(side: int, fn: Callable[[], None]) -> None:
+        t = bounds[side]
+        try:
+            barrier.wait()
+            start = time.perf_counter()
+            t.append(start)
+            waiting = True
+            while not stop.is_set():
+                fn()
+                now = time.perf_counter()
+                t.append(now)
+                if waiting and now - start >= duration_s and len(t) > min_iterations + 2:
+                    waiting = False
+                    with lock:
+                        ready[side] = True
+                        if all(ready):
+                            stop.set()
+        except BaseException:
+            stop.set()          # the other side stops too ...
+            barrier.abort()     # ... also if it still waits at the barrier
+            raise
+
+    workers = [_Worker(lambda s=s, f=f: body(s, f), f"interference-{'ab'[s]}") for s, f in ((0, fa), (1, fb))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    errors = [w.error for w in workers if w.error is not None]
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if errors:
+        raise (real or errors)[0]
+    return CoRun(bounds)
+
+
 # --------------------------------------------------------------------------------- the measurer
 
 class InterferenceMeasurer:
@@ -164,8 +343,9 @@ class InterferenceMeasurer:
                     for b in self.shapes[kind_b]:
                         base = {"kind_a": kind_a, "a_x": a[0], "a_y": a[1], "kind_b": kind_b,
                                 "b_micro_batch": b[0], "b_seq_len": b[1]}
-                        if "streams" in self.methods:
-                            pts.append({**base, "method": "streams", "sm_share_a": 1.0})
+                        for unpartitioned in ("streams", "threads"):
+                            if unpartitioned in self.methods:
+                                pts.append({**base, "method": unpartitioned, "sm_share_a": 1.0})
                         if "green_context" in self.methods:
                             pts += [{**base, "method": "green_context", "sm_share_a": s} for s in self.shares]
         return pts
@@ -185,6 +365,8 @@ class InterferenceMeasurer:
         return side_a + side_b
 
     def measure(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        if p["method"] == "threads":
+            return self._measure_threads(p)
         ctx = self.ctx
         fa, fb = self._side_a(p), self._side_b(p)
         plain_a, plain_b = torch.cuda.Stream(ctx.device), torch.cuda.Stream(ctx.device)
@@ -204,6 +386,24 @@ class InterferenceMeasurer:
                  "latency_a_alone_s": ta, "latency_b_alone_s": tb, "latency_a_s": lat_a, "latency_b_s": lat_b,
                  "slowdown_a": lat_a / ta, "slowdown_b": lat_b / tb, "repeats": len(runs)}]
 
+    def _measure_threads(self, p: dict[str, Any]) -> list[dict[str, Any]]:
+        """Method ``threads`` (CPU): the sides in two Python threads (module docstring)."""
+        fa, fb = self._side_a(p), self._side_b(p)
+        ta, tb = _thread_alone(fa, 3), _thread_alone(fb, 3)   # warm-up and a first estimate
+        na, nb = max(3, round(self.duration_s / ta)), max(3, round(self.duration_s / tb))
+        alone_a, alone_b, runs = [], [], []
+        for _ in range(self.ctx.timer.repeats):   # interleaved: a slow spell of the machine hits both
+            alone_a.append(_thread_alone(fa, na))
+            alone_b.append(_thread_alone(fb, nb))
+            runs.append(_threads_together(fa, fb, self.duration_s))
+        sd_a = statistics.median(r.latency(0) / t for r, t in zip(runs, alone_a))
+        sd_b = statistics.median(r.latency(1) / t for r, t in zip(runs, alone_b))
+        return [{**p, "sm_share_a_actual": 1.0, "sm_share_b": 1.0,
+                 "latency_a_alone_s": statistics.median(alone_a), "latency_b_alone_s": statistics.median(alone_b),
+                 "latency_a_s": statistics.median(r.latency(0) for r in runs),
+                 "latency_b_s": statistics.median(r.latency(1) for r in runs),
+                 "slowdown_a": sd_a, "slowdown_b": sd_b, "repeats": len(runs)}]
+
     # ------------------------------------------------------------------ sides
 
     def _model(self, key, build):
@@ -212,29 +412,17 @@ class InterferenceMeasurer:
         return self._models[key]
 
     def _side_a(self, p: dict[str, Any]) -> Callable[[], None]:
-        from calibrate.model import KVCache, build_model
+        """A serving iteration as the replay's engine runs it (``calibrate.measure_serving``)."""
+        from calibrate.measure_serving import decode_step, prefill_step
+        from calibrate.model import build_model
 
         ctx = self.ctx
         spec = ctx.spec_for_length(self.serving_len)
         model = self._model("full",
                             lambda: build_model(spec, device=ctx.device, dtype=ctx.dtype, seed=ctx.seed).eval())
         if p["kind_a"] == "prefill":
-            n = p["a_y"]
-            ids = ctx.random_ids((n, p["a_x"] // n), salt=30)
-            cache = KVCache(ctx.spec, n, p["a_x"] // n, device=ctx.device, dtype=ctx.dtype)
-            length = 0
-        else:
-            batch, length = p["a_x"], p["a_y"]
-            ids = ctx.random_ids((batch, 1), salt=31)
-            cache = KVCache.filled(ctx.spec, batch, length, length + 1, device=ctx.device, dtype=ctx.dtype,
-                                   generator=ctx.generator(32))
-
-        @torch.inference_mode()
-        def step():
-            cache.length = length
-            model(ids, cache, last_token_logits_only=True)
-
-        return step
+            return prefill_step(ctx, model, p["a_x"], p["a_y"], salt=30)
+        return decode_step(ctx, model, p["a_x"], p["a_y"], salt=31)
 
     def _side_b(self, p: dict[str, Any]) -> Callable[[], None]:
         from calibrate.lora import apply_lora

@@ -1,20 +1,21 @@
 """The two required tables: prefill and decode iterations of the whole model.
 
 * ``prefill`` point ``(batch_tokens, num_seqs)``: ``num_seqs`` random prompts of ``batch_tokens //
-  num_seqs`` tokens each (grids must make that division exact), one forward pass that writes a fresh
-  KV cache and projects only each sequence's last token to logits, as a serving engine does.
-* ``decode`` point ``(batch_size, kv_tokens_per_seq)``: a KV cache filled with ``kv_tokens_per_seq``
-  random tokens per sequence, and one forward pass of one new token per sequence; the cache length is
-  reset before every call, so every timed call attends to the same number of tokens.
+  num_seqs`` tokens each (grids must make that division exact), one forward pass that writes their KV
+  into the cache and projects only each sequence's last token to logits, and the greedy next tokens.
+* ``decode`` point ``(batch_size, kv_tokens_per_seq)``: a KV cache holding ``kv_tokens_per_seq`` random
+  tokens per sequence (the first one token fewer: a live batch is ragged, so the timed call takes the
+  masked attention path a serving engine takes), and one forward pass of one new token per sequence;
+  the lengths are reset before every call, so every timed call attends to the same number of tokens.
 
-Both run under ``torch.inference_mode()`` with the model in the calibration dtype (bf16 on CUDA,
-fp32 on CPU).
+Both time the kernels the live replay runs (``simcolo.replay.model_runner.ServingRunner``: a slot KV
+cache, continuous batching), so replay and tables measure the same thing, in the calibration dtype
+(bf16 on CUDA, fp32 on CPU).
 """
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from calibrate import memory
 from calibrate.context import Context
@@ -56,15 +57,9 @@ class PrefillMeasurer:
         return memory.prefill_bytes(self.ctx.spec, p["batch_tokens"], p["num_seqs"], self.ctx.dtype_bytes)
 
     def measure(self, p: dict[str, Any]) -> list[dict[str, Any]]:
-        from calibrate.model import KVCache
-
-        ctx = self.ctx
-        n = p["num_seqs"]
-        s = p["batch_tokens"] // n
-        model = _full_model(ctx, max(self.longest, ctx.spec.max_context_len))
-        ids = ctx.random_ids((n, s), salt=1)
-        cache = KVCache(ctx.spec, n, s, device=ctx.device, dtype=ctx.dtype)
-        return [_row(p, _time_forward(ctx, model, ids, cache, 0), self.estimate_bytes(p))]
+        model = _full_model(self.ctx, max(self.longest, self.ctx.spec.max_context_len))
+        step = prefill_step(self.ctx, model, p["batch_tokens"], p["num_seqs"], salt=1)
+        return [_row(p, self.ctx.timer(step), self.estimate_bytes(p))]
 
     def close(self) -> None:
         pass
@@ -86,26 +81,47 @@ class DecodeMeasurer:
         return memory.decode_bytes(self.ctx.spec, p["batch_size"], p["kv_tokens_per_seq"], self.ctx.dtype_bytes)
 
     def measure(self, p: dict[str, Any]) -> list[dict[str, Any]]:
-        from calibrate.model import KVCache
-
-        ctx = self.ctx
-        b, kv = p["batch_size"], p["kv_tokens_per_seq"]
-        model = _full_model(ctx, max(self.longest, ctx.spec.max_context_len))
-        cache = KVCache.filled(ctx.spec, b, kv, kv + 1, device=ctx.device, dtype=ctx.dtype,
-                               generator=ctx.generator(2))
-        ids = ctx.random_ids((b, 1), salt=3)
-        return [_row(p, _time_forward(ctx, model, ids, cache, kv), self.estimate_bytes(p))]
+        model = _full_model(self.ctx, max(self.longest, self.ctx.spec.max_context_len))
+        step = decode_step(self.ctx, model, p["batch_size"], p["kv_tokens_per_seq"], salt=2)
+        return [_row(p, self.ctx.timer(step), self.estimate_bytes(p))]
 
     def close(self) -> None:
         pass
 
 
-def _time_forward(ctx: Context, model, ids, cache, cached_len: int):
-    """Time one serving forward (logits of the last token only) from a cache holding ``cached_len``
-    tokens; the cache length is reset before every call so each repetition does the same work."""
-    def step():
-        cache.length = cached_len
-        model(ids, cache, last_token_logits_only=True)
+def prefill_step(ctx: Context, model, batch_tokens: int, num_seqs: int, salt: int):
+    """One prefill iteration of ``num_seqs`` random prompts of ``batch_tokens // num_seqs`` tokens, as the
+    replay's engine runs it (their slots are freed after each call, last first: nothing to move)."""
+    from simcolo.replay.model_runner import ServingRunner
 
-    with torch.inference_mode():
-        return ctx.timer(step)
+    s = batch_tokens // num_seqs
+    runner = ServingRunner(model, num_seqs, s)
+    ids = ctx.random_ids((num_seqs, s), salt=salt)
+    items = [(i, ids[i]) for i in range(num_seqs)]
+
+    def step():
+        runner.prefill(items)
+        for i in reversed(range(num_seqs)):
+            runner.release(i)
+    return step
+
+
+def decode_step(ctx: Context, model, batch: int, kv: int, salt: int):
+    """One decode iteration of ``batch`` sequences holding ``kv`` random tokens each (the first one
+    fewer, so that the masked path of a ragged live batch is timed); lengths reset before each call."""
+    from simcolo.replay.model_runner import ServingRunner
+
+    runner = ServingRunner(model, batch, kv + 1)
+    lengths = [max(0, kv - 1)] + [kv] * (batch - 1) if batch > 1 else [kv]
+    for i, n in enumerate(lengths):
+        runner.cache.allocate(i, n)
+    gen = ctx.generator(salt)
+    runner.cache.k[:, :batch, :, :kv].normal_(generator=gen)
+    runner.cache.v[:, :batch, :, :kv].normal_(generator=gen)
+    keys = list(range(batch))
+    ids = ctx.random_ids((batch,), salt=salt + 1)
+
+    def step():
+        runner.cache.lengths[:] = lengths
+        runner.decode(keys, ids)
+    return step

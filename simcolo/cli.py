@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def format_summary(s: dict) -> str:
         f" {s['total_token_throughput_tps']:.1f} total tok/s   GPU busy: {s['gpu_busy_frac_mean']:.3f}",
     ]
     if s.get("training_kind", "none") != "none":
+        s = {"bubble_rate": math.nan, "lemix_throughput_tasks_per_s": math.nan, "gpu_utilization_mean": math.nan,
+             **s}   # a replay does not measure these
         lines += [
             f"training ({s['training_kind']}, {s['layout']}): {s['train_tokens_per_s']:.0f} tok/s, "
             f"{s['train_samples_per_s']:.2f} samples/s, {s['optimizer_steps']} optimizer steps, "

@@ -39,3 +39,32 @@ def edit_meta(directory, change):
     meta = json.loads(path.read_text())
     change(meta)
     path.write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="session")
+def cpu_calibration(tmp_path_factory):
+    """``python -m calibrate model=tiny device=cpu out=DIR`` with the default CPU grids, once per session
+    (the calibrate/ tests read its tables; the replay tests replay against them)."""
+    import subprocess
+    import sys
+    import time
+
+    from simcolo.paths import PROJECT_ROOT
+
+    out = tmp_path_factory.mktemp("calib") / "cpu__tiny__tp1"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "calibrate", "model=tiny", "device=cpu", f"out={out}"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, wall, proc
+
+
+def run_replay(*overrides: str, out_dir=None, plots: bool = False):
+    """Run the real live replay (``python -m simcolo.replay``'s config) with ``overrides``."""
+    from simcolo.replay.run import replay
+
+    cfg = load_config([f"metrics.plots={str(plots).lower()}", *overrides], config_name="replay")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OffGridWarning)
+        return replay(cfg, out_dir)

@@ -26,7 +26,7 @@ from calibrate.timing import CallTimer
 from calibrate.write import complete_grid
 from conftest import run_sim
 from simcolo.costs import CostModel
-from simcolo.errors import ConfigError, TableError
+from simcolo.errors import ConfigError
 from simcolo.paths import PROJECT_ROOT
 from simcolo.specs import load_model_spec
 
@@ -53,14 +53,10 @@ def _points_in_log(directory: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------ full run
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory):
-    """``python -m calibrate model=tiny device=cpu out=DIR`` with the default CPU grids."""
-    out = tmp_path_factory.mktemp("calib") / "cpu__tiny__tp1"
-    t0 = time.perf_counter()
-    proc = _python("-m", "calibrate", "model=tiny", "device=cpu", f"out={out}")
-    wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, wall, proc
+def calibrated(cpu_calibration):
+    """``python -m calibrate model=tiny device=cpu out=DIR`` with the default CPU grids (the session's,
+    shared with the replay tests: ``conftest.cpu_calibration``)."""
+    return cpu_calibration
 
 
 def test_cpu_calibration_writes_valid_measured_tables(calibrated):
@@ -73,8 +69,9 @@ def test_cpu_calibration_writes_valid_measured_tables(calibrated):
     assert meta["dtype"] == "float32" and meta["model_config"] == json.loads(json.dumps(
         load_model_spec("tiny").__dict__))
     assert meta["torch"] == torch.__version__ and meta["device"] == "cpu" and meta["grids"]["prefill"]
-    assert meta["interference_method"] == "unavailable: no CUDA device"
-    assert set(meta["tables"]) == {"prefill", "decode", "train_stage", "lora_step", "transfer", "learning_curve"}
+    assert meta["interference_method"] == "threads"   # two Python threads on the CPU
+    assert set(meta["tables"]) == {"prefill", "decode", "train_stage", "lora_step", "transfer", "interference",
+                                   "learning_curve"}
     assert meta["skipped"] == []
     # latencies are positive and grow with the work
     prefill = pd.read_csv(out / "prefill.csv")
@@ -116,8 +113,8 @@ def test_co_location_runs_on_the_measured_tables_and_learning_curve(calibrated):
     common = ["gpu=cpu", "model=tiny", "cluster=single", f"costs.path={out}", "workload=poisson",
               "workload.num_requests=200", "workload.rate_rps=20", "policy=lemix", "training.stages=1",
               "training.micro_batch=2", "training.seq_len=128"]
-    with pytest.raises(TableError, match=r"no .interference. table .* costs.interference=none"):
-        run_sim(*common)
+    measured = run_sim(*common).summary   # co-run slowdowns from the CPU's `threads` interference table
+    assert measured["num_finished"] == 200 and measured["cost_interference"] == "threads"
     r = run_sim(*common, "costs.interference=none", "training.learning_curve.kind=table",
                 f"+training.learning_curve.path={out}")
     s = r.summary
@@ -278,19 +275,21 @@ def test_call_timer_on_cpu():
     assert t.repeats == 4 and t.median_s > 0 and not held
 
 
-def test_interference_is_unavailable_without_cuda_but_its_workloads_run():
+def test_interference_uses_threads_on_the_cpu_and_its_cuda_workloads_run():
     method, note, methods = describe_method(torch.device("cpu"))
-    assert method == "unavailable: no CUDA device" and methods == [] and "CUDA" in note
+    assert method == "threads" and methods == ["threads"] and "GIL" in note
     cfg = load_config(["progress_bar=false"])
     ctx = Context(load_model_spec("tiny"), torch.device("cpu"), torch.float32, CallTimer("cpu", 2, 0), 0)
     m = InterferenceMeasurer(ctx, select_grids(cfg, "cpu")[1]["interference"], "grids.cpu.interference")
-    assert m.points() == []
+    assert {p["method"] for p in m.points()} == {"threads"}   # measured in tests/test_calibrate_cpu_interference.py
     # The co-run sides (launched on CUDA streams on a GPU) are plain callables; run each once here.
     m.methods = ["streams", "green_context"]
     points = m.points()
     assert {(p["kind_a"], p["kind_b"], p["method"]) for p in points} == {
         (a, b, meth) for a in ("prefill", "decode") for b in ("train", "lora") for meth in m.methods}
-    assert len(points) == 2 * 2 * (1 + len(m.shares))
+    shapes = {k: len(m.shapes[k]) for k in ("prefill", "decode", "train", "lora")}
+    assert len(points) == ((shapes["prefill"] + shapes["decode"]) * (shapes["train"] + shapes["lora"])
+                           * (1 + len(m.shares)))
     for p in points[:: 1 + len(m.shares)]:
         assert m.estimate_bytes(p) > 0
         m._side_a(p)()

@@ -175,7 +175,7 @@ def test_layer_scaling_of_an_unmeasured_middle_stage(tmp_path):
 @pytest.fixture(scope="module")
 def cpu_calibration(tmp_path_factory):
     """A real (small) CPU calibration of the tiny model: prefill, decode, both training tables, and
-    interference, which on the CPU measures nothing (the metadata says why)."""
+    interference (method ``threads`` on the CPU; one point here)."""
     out = tmp_path_factory.mktemp("calib") / "cpu__tiny__tp1"
     cfg = load_config([f"out={out}", "measure=[prefill,decode,train_stage,lora_step,interference]",
                        "repeats=2", "warmup=1", "progress_bar=false", "grids.cpu.prefill.batch_tokens=[16,32]",
@@ -183,7 +183,9 @@ def cpu_calibration(tmp_path_factory):
                        "grids.cpu.decode.kv_tokens_per_seq=[8,16]", "grids.cpu.train_stage.num_stages=[1,2]",
                        "grids.cpu.train_stage.micro_batch=[1,2]", "grids.cpu.train_stage.seq_len=[16,32]",
                        "grids.cpu.lora_step.rank=[4,8]", "grids.cpu.lora_step.micro_batch=[1,2]",
-                       "grids.cpu.lora_step.seq_len=[16,32]"])
+                       "grids.cpu.lora_step.seq_len=[16,32]", "grids.cpu.interference.prefill=[]",
+                       "grids.cpu.interference.decode=[[2,16]]", "grids.cpu.interference.train=[[1,16]]",
+                       "grids.cpu.interference.lora=[]", "grids.cpu.interference.duration_s=0.01"])
     assert run(cfg).complete
     return out
 
@@ -201,11 +203,19 @@ def test_a_cpu_calibration_loads(cpu_calibration):
     assert tc.off_grid["train_stage"] == {"micro_batch": 0, "seq_len": 0}
 
 
-def test_a_directory_without_interference_is_refused(cpu_calibration):
-    where = re.escape(str(cpu_calibration))
+def test_a_directory_without_interference_is_refused(cpu_calibration, tmp_path):
+    d = tmp_path / "cpu__tiny__tp1"
+    shutil.copytree(cpu_calibration, d)
+
+    def unmeasured(meta):  # as calibrated on a device where calibrate/ measures no interference
+        meta["tables"].pop("interference")
+        meta["interference_method"] = "unavailable: no CUDA device"
+
+    edit_meta(d, unmeasured)
+    where = re.escape(str(d))
     with pytest.raises(TableError, match=rf"{where}: metadata\.json 'tables' has no 'interference' table.*"
                                          r"unavailable: no CUDA device"):
-        InterferenceTable.load(cpu_calibration)
+        InterferenceTable.load(d)
 
 
 def test_a_directory_without_training_tables_is_refused(tiny):

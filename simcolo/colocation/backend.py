@@ -59,6 +59,21 @@ def training_table_dir(cfg, gpu_name: str, model_name: str):
     return CostModel.resolve(gpu_name, model_name, 1, root)
 
 
+def memory_gate(system, cluster, threshold: float, now):
+    """LeMix's gate: a stage starts a forward only if the GPU's memory in use (weights, training
+    state, serving activations, KV blocks *in use*, training activations held) plus the new
+    activations stays under ``threshold`` of capacity. ``now()`` is the backend's clock."""
+    inst_of = {g: inst for inst in system.instances for g in inst.gpus}
+    block_bytes = system.kv_budget.block_bytes
+
+    def gate(g: int, nbytes: float) -> bool:
+        pool = cluster.gpus[g].memory
+        inst = inst_of[g]
+        kv_unused = (inst.num_blocks - inst.kv_blocks_used(now())) * block_bytes
+        return pool.used - kv_unused + nbytes <= threshold * pool.capacity
+    return gate
+
+
 class Colocation:
     """Everything training adds to a run; ``system`` is the serving side it built for the layout."""
 
@@ -228,7 +243,7 @@ class Colocation:
         gate = None
         if self.policy.memory_threshold is not None:
             threshold = float(self.policy.memory_threshold)
-            gate = self._memory_gate(system, threshold)
+            gate = memory_gate(system, self.cluster, threshold, lambda: self.env.now)
         for i, inst in enumerate(system.instances):
             gpus = [self.cluster.gpus[g] for g in inst.gpus]
             link = self._link_s(inst.gpus[0], inst.gpus[1]) if S > 1 else 0.0
@@ -242,21 +257,6 @@ class Colocation:
         system.on_dispatch = self._on_dispatch
         self._place = self._place_on_node
         return system
-
-    def _memory_gate(self, system, threshold):
-        """LeMix's gate: a stage starts a forward only if the GPU's memory in use (weights, training
-        state, serving activations, KV blocks *in use*, training activations held) plus the new
-        activations stays under ``threshold`` of capacity."""
-        inst_of = {g: inst for inst in system.instances for g in inst.gpus}
-        budget = system.kv_budget
-        cluster = self.cluster
-
-        def gate(g: int, nbytes: float) -> bool:
-            pool = cluster.gpus[g].memory
-            inst = inst_of[g]
-            kv_unused = (inst.num_blocks - inst.kv_blocks_used(self.env.now)) * budget.block_bytes
-            return pool.used - kv_unused + nbytes <= threshold * pool.capacity
-        return gate
 
     def _on_dispatch(self, r, inst) -> None:
         self.nodes[inst.index].placed(self.env.now, r.prompt_tokens, False)

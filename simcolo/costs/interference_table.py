@@ -6,7 +6,10 @@ Lookup rules:
 * The table holds rows per serving shape (``a_x``, ``a_y``) and training shape; the simulator asks per
   kind pair, so for each (``kind_a``, ``kind_b``, ``method``, ``sm_share_a``) the **median over the
   shapes** of ``slowdown_a`` and of ``slowdown_b`` is taken (each column on its own).
-* ``share_a=None`` (plain CUDA streams, no SM partition): the ``streams`` rows.
+* ``share_a=None`` (plain CUDA streams, no SM partition): the ``streams`` rows, or the ``threads``
+  rows of a CPU calibration (the two sides in two Python threads of one process: the CPU's
+  unpartitioned co-run). A kind pair with both is a :class:`TableError` (two devices' measurements
+  in one table).
 * ``share_a`` a number in (0, 1]: an SM partition giving the serving side that share of the SMs
   (as *asked for*: column ``sm_share_a``, the simulator's knob). The ``green_context`` medians are
   linear in ``share_a`` between the measured shares and **clamped** outside them (the value at the
@@ -28,6 +31,12 @@ from simcolo.costs.schema import INTERFERENCE_KINDS_A, INTERFERENCE_KINDS_B, INT
 from simcolo.costs.tables import _row_label, read_metadata
 from simcolo.costs.training_costs import _no_duplicates, choices, numbers, read_reserved_table
 from simcolo.errors import TableError
+
+#: Methods of an unpartitioned co-run (all shares 1), answering ``share_a=None``: CUDA streams, or the
+#: CPU's two threads (calibrate/measure_interference.py).
+UNPARTITIONED = ("streams", "threads")
+#: Values of the ``method`` column this reader accepts.
+METHODS = tuple(dict.fromkeys((*INTERFERENCE_METHODS, *UNPARTITIONED)))
 
 
 class _Pair:
@@ -56,7 +65,7 @@ class InterferenceTable:
     """Slowdown of a serving kernel (``prefill``/``decode``) and of a training kernel
     (``train``/``lora``) co-running on one GPU (lookup rules: module docstring).
 
-    ``method`` is the metadata's ``interference_method`` (``green_context``, ``streams``, ...),
+    ``method`` is the metadata's ``interference_method`` (``green_context``, ``streams``, ``threads``, ...),
     ``'roofline'`` when the metadata has none (roofline directories), ``'none'`` for :meth:`none`.
     """
 
@@ -81,7 +90,7 @@ class InterferenceTable:
         path, df = read_reserved_table(directory, meta, "interference", hint)
         kind_a = choices(df, "kind_a", path, INTERFERENCE_KINDS_A)
         kind_b = choices(df, "kind_b", path, INTERFERENCE_KINDS_B)
-        methods = choices(df, "method", path, INTERFERENCE_METHODS)
+        methods = choices(df, "method", path, METHODS)
         pos = {"integer": True, "minimum": 1, "expected": "a positive integer"}
         a_x, a_y = numbers(df, "a_x", path, **pos), numbers(df, "a_y", path, **pos)
         b_mb, b_seq = numbers(df, "b_micro_batch", path, **pos), numbers(df, "b_seq_len", path, **pos)
@@ -96,9 +105,9 @@ class InterferenceTable:
         sd_a, sd_b = numbers(df, "slowdown_a", path, **ratio), numbers(df, "slowdown_b", path, **ratio)
         numbers(df, "repeats", path, minimum=0, expected="a value >= 0")
         for i, (m, s) in enumerate(zip(methods, share_a)):
-            if m == "streams" and s != 1.0:
+            if m in UNPARTITIONED and s != 1.0:
                 raise TableError(f"{path}: {_row_label(path, i)}, column 'sm_share_a': {s!r}; expected 1 for "
-                                 "method 'streams' (no SM partition)")
+                                 f"method {m!r} (no SM partition)")
             if m == "green_context" and s >= 1.0:
                 raise TableError(f"{path}: {_row_label(path, i)}, column 'sm_share_a': {s!r}; expected a share "
                                  "< 1 for method 'green_context' (side b needs SMs too)")
@@ -113,7 +122,11 @@ class InterferenceTable:
         med = {k: (statistics.median(a), statistics.median(b)) for k, (a, b) in groups.items()}
         pairs = {}
         for ka, kb in sorted({(k[0], k[1]) for k in med}):
-            streams = med.get((ka, kb, "streams", 1.0))
+            found = [m for m in UNPARTITIONED if (ka, kb, m, 1.0) in med]
+            if len(found) > 1:
+                raise TableError(f"{path}: kind_a={ka!r}, kind_b={kb!r} has rows of methods {found}; an "
+                                 "unpartitioned co-run is measured one way (CUDA streams or CPU threads), not both")
+            streams = med[(ka, kb, found[0], 1.0)] if found else None
             shares = sorted(k[3] for k in med if k[:3] == (ka, kb, "green_context"))
             pairs[(ka, kb)] = _Pair(streams, shares, [med[(ka, kb, "green_context", s)][0] for s in shares],
                                     [med[(ka, kb, "green_context", s)][1] for s in shares])
@@ -126,8 +139,8 @@ class InterferenceTable:
 
     def slowdown(self, kind_a: str, kind_b: str, share_a: float | None) -> tuple[float, float]:
         """(slowdown of the serving kernel ``kind_a``, slowdown of the training kernel ``kind_b``),
-        both >= 1, when they co-run with plain streams (``share_a`` None) or with ``share_a`` of the SMs
-        given to the serving side."""
+        both >= 1, when they co-run with plain streams or, on the CPU, in two threads (``share_a`` None)
+        or with ``share_a`` of the SMs given to the serving side."""
         if kind_a not in INTERFERENCE_KINDS_A:
             raise ValueError(f"kind_a {kind_a!r}; expected one of {list(INTERFERENCE_KINDS_A)}")
         if kind_b not in INTERFERENCE_KINDS_B:
@@ -142,8 +155,8 @@ class InterferenceTable:
                              f"holds {sorted(self._pairs)}")
         if share_a is None:
             if pair.streams is None:
-                raise TableError(f"{self._file()}: no 'streams' rows for kind_a={kind_a!r}, kind_b={kind_b!r}, "
-                                 "so there is nothing for co-running without an SM partition")
+                raise TableError(f"{self._file()}: no 'streams' (or 'threads') rows for kind_a={kind_a!r}, "
+                                 f"kind_b={kind_b!r}, so there is nothing for co-running without an SM partition")
             a, b = pair.streams
         else:
             if not pair.shares:

@@ -51,9 +51,10 @@ class ServingLayout:
 class ServingSystem:
     def __init__(self, env: SimEnvironment, cluster: Cluster, model: ModelSpec, cost, layout: ServingLayout,
                  batching: BatchingConfig, policy: RoutingPolicy, on_done, itl, first_gpu: int = 0,
-                 reserved_bytes: float = 0.0, reserved_for: str = ""):
+                 reserved_bytes: float = 0.0, reserved_for: str = "", instance_class: type = Instance):
         """``first_gpu``: instances take GPUs from there on (isolated layouts train on the others);
-        ``reserved_bytes``: per GPU, kept out of the KV cache for co-located training."""
+        ``reserved_bytes``: per GPU, kept out of the KV cache for co-located training;
+        ``instance_class``: what runs an instance (the live replay's runs real kernels)."""
         self.env, self.cluster, self.model, self.policy = env, cluster, model, policy
         self._on_done = on_done
         self.arrived = 0
@@ -79,8 +80,8 @@ class ServingSystem:
                 mem.allocate("weights", budget.weights_bytes)
                 mem.allocate("activations", budget.activations_bytes)
                 mem.allocate("kv_cache", budget.num_blocks * budget.block_bytes)
-            self.instances.append(Instance(env, i, role, gpus, cost, batching, budget.num_blocks,
-                                           self._finished, itl, self._prefilled))
+            self.instances.append(instance_class(env, i, role, gpus, cost, batching, budget.num_blocks,
+                                                 self._finished, itl, self._prefilled))
         self.entry = [x for x in self.instances if x.role != "decode"]
         self.decoders = [x for x in self.instances if x.role == "decode"]
         self.entry_views: list = self.entry     # what the policy sees of them (co-located nodes wrap them)

@@ -1,0 +1,37 @@
+"""``python -m simcolo.replay policy=... workload=... device=cpu|cuda``: a Hydra app around
+:func:`simcolo.replay.run.replay` (config ``conf/replay.yaml``: the simulation's config plus ``device``
+and ``replay``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from simcolo.errors import SimcoloError
+from simcolo.paths import CONF_DIR
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="replay")
+def _app(cfg: DictConfig) -> None:
+    from simcolo.cli import format_summary
+    from simcolo.replay.run import ReplayFailed, replay
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = replay(cfg, out_dir)
+    except ReplayFailed as exc:
+        print(f"simcolo.replay: error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except SimcoloError as exc:
+        print(f"simcolo.replay: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if not cfg.metrics.quiet:
+        print(format_summary(result.summary))
+        print(f"replayed on {result.summary['replay_device']}; outputs: {out_dir}")
+
+
+if __name__ == "__main__":
+    _app()

@@ -1,0 +1,58 @@
+"""What every thread of a live replay shares: the wall clock, one lock over all scheduler state, and
+the first failure (which stops the replay)."""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+
+
+class LiveContext:
+    """``now`` is seconds since ``start()`` on the wall clock (the trace's timeline). Scheduler state
+    (instances, trainers, the policy's views) changes only under ``lock``; kernels run outside it."""
+
+    def __init__(self, device_name: str):
+        self.device_name = device_name
+        self.lock = threading.RLock()
+        self.stopped = False
+        self.failure: str | None = None
+        self.failure_exc: BaseException | None = None
+        self._t0: float | None = None
+        self._conditions: list[threading.Condition] = []
+
+    # ------------------------------------------------------------------ clock
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    @property
+    def now(self) -> float:
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+
+    # ------------------------------------------------------------------ threads
+    def condition(self) -> threading.Condition:
+        """A condition on the shared lock; ``stop`` wakes every one made here."""
+        cond = threading.Condition(self.lock)
+        self._conditions.append(cond)
+        return cond
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            for cond in self._conditions:
+                cond.notify_all()
+
+    def fail(self, where: str, exc: BaseException) -> None:
+        """A thread hit an error (CUDA out of memory, a kernel error): remember the first, stop all."""
+        with self.lock:
+            if self.failure is None:
+                self.failure = f"{where}: {type(exc).__name__}: {exc}"
+                self.failure_exc = exc
+                self.failure_trace = "".join(traceback.format_exception(exc))
+        self.stop()
+
+    def synchronize(self, device) -> None:
+        """Wait for this thread's kernels (its own CUDA stream); a no-op on the CPU."""
+        import torch
+
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()

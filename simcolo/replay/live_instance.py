@@ -1,0 +1,115 @@
+"""A serving instance that runs real prefill and decode kernels, scheduled by the simulator's own rules.
+
+``LiveInstance`` *is* the simulated :class:`~simcolo.serving.instance.Instance` (admission, token budget,
+KV blocks with watermark, preemption by recomputation, token accounting, model versions): only the
+clock and the iteration's end differ. Each instance has a thread that plans an iteration under the
+replay's lock, runs its kernels outside it on the real model (``ServingRunner``: continuous batching
+over a KV cache), and completes the iteration at the wall-clock time the kernels finished. So the
+simulator and the replay make the same scheduling decisions for the same state; what differs is only
+how long things take, which is what the comparison measures.
+
+Token ids: a request's prompt is random tokens seeded by its id (content does not change latency);
+each output token is the greedy next token of the real model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import torch
+
+from simcolo.serving.instance import Instance
+
+
+class LiveInstance(Instance):
+    def __init__(self, env, index, role, gpus, cost, cfg, num_blocks, on_done, itl, on_prefilled=None, *,
+                 live, device: torch.device):
+        # one iteration at a time: the simulator's fast advance is a bookkeeping shortcut, not a kernel
+        super().__init__(env, index, role, gpus, cost, dataclasses.replace(cfg, fast_advance=False),
+                         num_blocks, on_done, itl, on_prefilled)
+        self.live, self.device = live, device
+        self.runner = None                   # a ServingRunner, set before start()
+        self.vocab_size = 0
+        self._cond = live.condition()
+        self._tokens: dict[int, list[int]] = {}   # request id -> output token ids so far
+        self.thread = threading.Thread(target=self._main, name=f"serving-{index}", daemon=True)
+
+    def start(self, runner, vocab_size: int) -> None:
+        self.runner, self.vocab_size = runner, vocab_size
+        self.thread.start()
+
+    def _notify(self) -> None:
+        """Called under the lock whenever the batch may change (an arrival, blocks given back)."""
+        self._cond.notify()
+
+    # ------------------------------------------------------------------ the iteration loop
+    def _main(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                with torch.cuda.stream(torch.cuda.Stream(self.device)):
+                    self._serve()
+            else:
+                self._serve()
+        except BaseException as exc:  # noqa: BLE001 - reported, and the replay stops with it
+            self.live.fail(f"serving instance {self.index} on {self.device}", exc)
+
+    def _serve(self) -> None:
+        live = self.live
+        while True:
+            with self._cond:
+                plan = None
+                while not live.stopped:
+                    plan = self._plan_iteration()
+                    if plan is not None:
+                        break
+                    self._kind = None
+                    self._cond.wait()
+                if live.stopped:
+                    return
+                _, chunks, decodes = plan
+                self._kind = "prefill" if chunks else "decode"
+                start = live.now
+                active = {r.id for r in self.running}
+                active.update(r.id for r in self.prefilling)
+                prompts = [(r.id, self._prompt_ids(r)) for r, _ in chunks]
+                decode_ids = [r.id for r in decodes]
+            self._run_kernels(active, prompts, decode_ids)
+            with self._cond:
+                end = live.now
+                self.busy_s += end - start
+                self.iterations += 1
+                self._complete_iteration(plan, end)
+
+    def _run_kernels(self, active: set[int], prompts: list, decode_ids: list[int]) -> None:
+        runner = self.runner
+        for key in [k for k in runner.keys() if k not in active]:   # finished or preempted
+            runner.release(key)
+        tokens = self._tokens
+        if prompts:
+            out = runner.prefill(prompts).tolist()
+            for (key, _), t in zip(prompts, out):
+                tokens.setdefault(key, []).append(t)
+        if decode_ids:
+            last = torch.tensor([tokens[k][-1] for k in decode_ids], dtype=torch.long, device=self.device)
+            out = runner.decode(decode_ids, last).tolist()
+            for key, t in zip(decode_ids, out):
+                tokens[key].append(t)
+        for key in [k for k in tokens if k not in active]:
+            del tokens[key]
+
+    def _prompt_ids(self, r) -> torch.Tensor:
+        """The prompt (random, seeded by the request id) plus the tokens generated before a preemption
+        (recomputation re-prefills ``prompt + generated`` tokens; ids the replay no longer holds are
+        drawn like the prompt's)."""
+        gen = torch.Generator().manual_seed(r.id)
+        ids = torch.randint(self.vocab_size, (r.prompt_tokens + r.generated,), generator=gen)
+        done = self._tokens.get(r.id, [])[:r.generated]
+        if done:
+            ids[r.prompt_tokens:r.prompt_tokens + len(done)] = torch.tensor(done, dtype=torch.long)
+        return ids.to(self.device)
+
+    def stop_and_join(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)

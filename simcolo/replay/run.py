@@ -1,0 +1,138 @@
+"""One live replay: build the backend, feed the trace in real time, write the simulator's outputs.
+
+Requests are dispatched by the main thread at their arrival times on the wall clock (``workload``
+options scale and cut the trace exactly as in a simulation: ``rate_scale``, ``start_s``/``end_s``,
+``max_requests``). The replay ends when every request is done (or at ``sim.max_time_s``); training
+stops with it. If a thread fails (a CUDA out-of-memory, a kernel error), the replay stops at once,
+every record so far is written, in-flight requests are recorded with status ``replay_failed`` and the
+rest of the trace with ``not_replayed``, and :class:`ReplayFailed` is raised naming the failure.
+"""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simcolo.errors import SimcoloError
+from simcolo.metrics.io import atomic_path, write_json
+from simcolo.metrics.records import RequestSink
+from simcolo.metrics.summary import serving_summary
+from simcolo.metrics.training_summary import slo_multiples
+from simcolo.policies import make_policy
+from simcolo.replay.backend import LiveBackend, torch_device
+from simcolo.replay.timeline import LiveTimeline
+from simcolo.simulate import RunResult, _cluster_summary
+from simcolo.workload import build_workload
+
+
+class ReplayFailed(SimcoloError):
+    """A live replay stopped on an error; its records up to then are written."""
+
+
+def replay(cfg, out_dir: str | Path | None = None) -> RunResult:
+    """Run the live replay described by ``cfg`` (the composed Hydra config with ``device`` and
+    ``replay`` keys) and write ``requests.parquet``, ``training.parquet``, ``gpus.parquet``,
+    ``summary.json`` and ``plots/`` to ``out_dir`` (the same files as a simulation)."""
+    wall0 = time.perf_counter()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    rcfg = cfg["replay"]
+    device = torch_device(str(cfg["device"]))
+    if device.type == "cpu":
+        torch.set_num_threads(int(rcfg["cpu_threads"]))
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)
+    policy = make_policy(cfg["policy"], np.random.default_rng([seed, 2]))
+    sink = RequestSink(out_dir / "requests.parquet" if out_dir else None)
+    try:
+        backend = LiveBackend(cfg, policy, sink, device)
+        workload = build_workload(cfg["workload"], max_context_len=backend.model.max_context_len,
+                                  rng=np.random.default_rng(seed))
+        backend.build()
+        backend.warm_up(int(rcfg["warmup_iterations"]))
+    except BaseException:
+        sink.abandon()
+        raise
+    live, system = backend.live, backend.system
+    timeline = LiveTimeline(backend, float(cfg["metrics"]["timeline_interval_s"]))
+    wake = live.condition()
+    backend.on_request_done = wake.notify
+    max_time = cfg["sim"]["max_time_s"]
+    max_time = float("inf") if max_time is None else float(max_time)
+    requests = iter(workload)
+    backend.start()
+    try:
+        with wake:
+            r = next(requests, None)
+            while not live.stopped:
+                now = live.now
+                timeline.sample_due(now)
+                if now >= max_time:
+                    break
+                if r is not None and r.arrival_s <= now:
+                    system.dispatch(r)
+                    r = next(requests, None)
+                    continue
+                if r is None and system.done == system.arrived:
+                    break
+                due = min(timeline.next_s, max_time, r.arrival_s if r is not None else now + 1.0)
+                wake.wait(max(0.0, due - now))
+        pending = r
+        end_s = live.now
+        stuck = backend.stop()
+        timeline.sample(end_s)
+        status = "replay_failed" if live.failure else "unfinished_at_end"
+        with live.lock:
+            for r in system.in_flight():
+                r.status = status
+                sink(r)
+            rest = ([pending] if pending is not None else []) + list(requests)
+            for r in rest:
+                r.status = "not_replayed" if live.failure else "not_arrived_before_end"
+                sink(r)
+        sink.close()
+    except BaseException:
+        backend.stop(5.0)
+        sink.close()
+        raise
+    summary = serving_summary(sink, backend.itl, float(cfg["slo"]["ttft_s"]), float(cfg["slo"]["tpot_s"]))
+    summary.update(_cluster_summary(system, summary["duration_s"]))
+    summary.update({f"status_{k}": v for k, v in sorted(sink.status_counts.items())})
+    summary.update(slo_multiples(sink, backend.cost))
+    summary.update(backend.training_summary(summary["duration_s"]))
+    summary.update(workload.stats.as_dict())
+    summary.update({"cost_source": backend.cost.metadata.get("source", "unknown"),
+                    "policy": cfg["policy"]["name"], "model": backend.model.name, "gpu": backend.gpu.name,
+                    "seed": seed, "backend": "replay", "replay_device": _device_text(device),
+                    "replay_torch": torch.__version__, "replay_host": platform.node(),
+                    "replay_wall_s": time.perf_counter() - wall0, "replay_end_s": end_s,
+                    "replay_failed": live.failure or "", "replay_threads_still_running": ", ".join(stuck)})
+    frame = timeline.frame()
+    training = backend.training_frame()
+    result = RunResult(summary, sink, frame, system, time.perf_counter() - wall0, out_dir, training=training,
+                       colocation=backend)
+    if out_dir is not None:
+        with atomic_path(out_dir / "gpus.parquet") as tmp:
+            frame.to_parquet(tmp, index=False)
+        if training is not None:
+            with atomic_path(out_dir / "training.parquet") as tmp:
+                training.to_parquet(tmp, index=False)
+        if cfg["metrics"]["plots"]:
+            from simcolo.metrics.plots import write_plots
+
+            columns = ["status", "ttft_s", "tpot_s", "e2el_s", "finish_s", "output_tokens"]
+            result.plots = write_plots(sink.read(columns).to_pandas(), frame, out_dir / "plots",
+                                       f"({backend.model.name}, {cfg['policy']['name']}, replay on {device})")
+        write_json(out_dir / "summary.json", summary)
+    if live.failure:
+        where = f"; records so far are in {out_dir}" if out_dir is not None else ""
+        raise ReplayFailed(f"replay stopped: {live.failure}{where}") from live.failure_exc
+    return result
+
+
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)} x {torch.cuda.device_count()}"
+    return f"cpu: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"

@@ -1,0 +1,172 @@
+"""The live replay on the CPU with the tiny model: real threads, real kernels, real trace slices,
+against a calibration made on this machine in the same session. Timings are not asserted (they are
+the fidelity report's business); what a replay must do is: serve every request with the policy's
+decisions, train and serve the trained versions, write the simulator's outputs, and fail loudly while
+keeping its records."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import run_replay, run_sim
+from simcolo.errors import ConfigError
+from simcolo.paths import PROJECT_ROOT
+
+TRAIN = ["training.stages=1", "training.micro_batch=2", "training.seq_len=64", "training.global_batch=2",
+         "training.activation_checkpointing=false", "training.data.backlog=8"]
+
+
+def common(calibration, n: int = 40, rate: float = 20.0) -> list[str]:
+    out, _, _ = calibration
+    return ["model=tiny", "gpu=cpu", f"costs.path={out}", "workload=poisson", f"workload.num_requests={n}",
+            f"workload.rate_rps={rate}"]
+
+
+def _requests(out_dir) -> pd.DataFrame:
+    return pd.read_parquet(out_dir / "requests.parquet").sort_values("request_id").reset_index(drop=True)
+
+
+def test_serving_replay_serves_the_trace_as_the_simulator_schedules_it(cpu_calibration, tmp_path):
+    args = [*common(cpu_calibration), "cluster=single"]
+    sim = run_sim(*args, out_dir=tmp_path / "sim")
+    rep = run_replay(*args, out_dir=tmp_path / "replay", plots=True)
+    s = rep.summary
+    assert s["backend"] == "replay" and s["replay_failed"] == "" and s["num_finished"] == 40
+    a, b = _requests(tmp_path / "sim"), _requests(tmp_path / "replay")
+    # the same requests, with the same lengths, all served, one token per iteration
+    assert (a[["request_id", "arrival_s", "prompt_tokens", "output_tokens"]] ==
+            b[["request_id", "arrival_s", "prompt_tokens", "output_tokens"]]).all().all()
+    assert (b.status == "finished").all()
+    assert (b.first_token_s >= b.arrival_s).all() and (b.finish_s >= b.first_token_s).all()
+    multi = b.output_tokens > 1
+    assert (b.tpot_s[multi] > 0).all()
+    # the wall clock: the replay ends after the last arrival, requests are served in real time
+    assert s["replay_end_s"] >= b.arrival_s.max()
+    assert s["iterations"] >= b.output_tokens.max()
+    for f in ("requests.parquet", "gpus.parquet", "summary.json", "plots/latency_cdf.png"):
+        assert (tmp_path / "replay" / f).exists(), f
+    gpus = pd.read_parquet(tmp_path / "replay" / "gpus.parquet")
+    assert list(gpus.columns) == list(pd.read_parquet(tmp_path / "sim" / "gpus.parquet").columns)
+    assert (gpus.busy_s.diff().dropna() >= 0).all() and gpus.busy_s.iloc[-1] > 0
+    assert sim.summary["num_finished"] == 40
+
+
+def test_lemix_replay_trains_the_model_it_serves(cpu_calibration, tmp_path):
+    rep = run_replay(*common(cpu_calibration, n=30), "cluster=single", "policy=lemix", *TRAIN,
+                     "costs.interference=none", out_dir=tmp_path)
+    s = rep.summary
+    assert s["num_finished"] == 30 and s["layout"] == "pipelines"
+    train = pd.read_parquet(tmp_path / "training.parquet")
+    assert s["optimizer_steps"] == len(train) > 0
+    assert list(train.version) == list(range(1, len(train) + 1))        # one version per step
+    assert s["train_tasks_done"] >= 2 * len(train)                       # global_batch tasks per step
+    assert train.start_s.isna().all() and (train.end_s.diff().dropna() > 0).all()
+    req = _requests(tmp_path)
+    # a request is served by the version its node had when it was scheduled: never ahead of training
+    steps_before = np.searchsorted(train.end_s.to_numpy(), req.first_token_s.to_numpy(), side="right")
+    assert (req.model_version <= steps_before).all() and req.model_version.max() > 0
+    # the served (trained) model was really updated in place: it differs from a fresh build
+    from calibrate.model import build_model
+
+    served = rep.colocation.serving_models[0]
+    fresh = build_model(rep.colocation.model, seed=0)
+    assert not torch.equal(served.lm_head.weight.detach(), fresh.lm_head.weight)
+
+
+def test_isolated_replay_trains_in_its_own_process_and_syncs_weights(cpu_calibration, tmp_path):
+    rep = run_replay(*common(cpu_calibration, n=30), "cluster=cpu2", "policy=isolated", "policy.serving_gpus=1",
+                     "policy.sync_every=2", *TRAIN, out_dir=tmp_path)
+    s = rep.summary
+    assert s["num_finished"] == 30 and s["layout"] == "isolated"
+    train = pd.read_parquet(tmp_path / "training.parquet")
+    assert len(train) == s["optimizer_steps"] > 0 and (train.end_s > train.start_s).all()
+    assert (train.tasks == 2).all() and (train.tokens == 2 * 2 * 64).all()
+    assert s["weight_syncs"] >= 1 and s["weight_syncs"] <= len(train) // 2
+    req = _requests(tmp_path)
+    assert (req.model_version % 2 == 0).all()          # serving sees synced versions only
+    # the serving replica's weights are the trainer's after a sync: not the initial ones
+    from calibrate.model import build_model
+
+    served = rep.colocation.serving_models[0]
+    fresh = build_model(rep.colocation.model, seed=0)
+    assert not torch.equal(served.lm_head.weight.detach(), fresh.lm_head.weight)
+
+
+def test_a_kernel_failure_stops_the_replay_and_keeps_every_record(cpu_calibration, tmp_path, monkeypatch):
+    from simcolo.replay.model_runner import ServingRunner
+    from simcolo.replay.run import ReplayFailed
+
+    calls = {"n": 0}
+    decode = ServingRunner.decode
+
+    def failing_decode(self, keys, ids):  # fault injection: the 60th decode runs out of memory
+        calls["n"] += 1
+        if calls["n"] == 60:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return decode(self, keys, ids)
+
+    monkeypatch.setattr(ServingRunner, "decode", failing_decode)
+    with pytest.raises(ReplayFailed, match=r"serving instance 0 on cpu: OutOfMemoryError: CUDA out of memory"):
+        run_replay(*common(cpu_calibration, n=40), "cluster=single", out_dir=tmp_path)
+    req = pd.read_parquet(tmp_path / "requests.parquet")
+    assert len(req) == 40 and req.request_id.is_unique                      # nothing dropped
+    statuses = set(req.status)
+    assert "replay_failed" in statuses and statuses <= {"finished", "replay_failed", "not_replayed"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "OutOfMemoryError" in summary["replay_failed"]
+    assert summary["num_requests"] == 40
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["policy=harli", "training=lora", "training.activation_checkpointing=false"], r"harli.*not supported by the live replay"),
+    (["policy=lemix", "training.stages=2", "cluster=cpu2", "training.activation_checkpointing=false"],
+     r"training.stages=2: the live replay trains one stage"),
+    (["policy=lemix", "training.stages=1"], r"activation_checkpointing=true is not run live"),
+    (["policy=isolated", "cluster=h100x4", "training.stages=1", "training.activation_checkpointing=false"],
+     r"policy.serving_gpus=4 with 4 GPUs.*must be 3"),
+    (["serving.tp=2", "cluster=cpu2"], r"serving.tp=2.*tp=1"),
+    (["device=tpu"], r"device='tpu'; expected cpu or cuda"),
+    (["replay.isolated_trainer=fork", "policy=isolated", "cluster=cpu2", "policy.serving_gpus=1", *TRAIN],
+     r"replay.isolated_trainer='fork'"),
+])
+def test_unsupported_or_bad_settings_are_named(cpu_calibration, overrides, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        run_replay(*common(cpu_calibration, n=5), "cluster=single", *overrides, out_dir=tmp_path)
+
+
+def test_kv_cache_that_cannot_fit_is_refused_before_anything_runs(cpu_calibration, tmp_path):
+    with pytest.raises(ConfigError, match=r"serving.max_num_seqs=256 x model.max_context_len=512 .* KV budget"):
+        run_replay(*common(cpu_calibration, n=5), "cluster=single", "serving.num_gpu_blocks_override=64",
+                   out_dir=tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(cpu_calibration, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match=r"device=cuda but torch .* sees no CUDA device"):
+        run_replay(*common(cpu_calibration, n=5), "cluster=single", "device=cuda", out_dir=tmp_path)
+
+
+def test_replay_and_compare_commands(cpu_calibration, tmp_path):
+    """What a user types: simulate, replay, compare; the comparison's last line is max_rel_err=."""
+    args = [*common(cpu_calibration, n=30), "cluster=single", "metrics.plots=false"]
+    py = sys.executable
+    for mod, d in (("simcolo", "sim"), ("simcolo.replay", "replay")):
+        proc = subprocess.run([py, "-m", mod, *args, f"hydra.run.dir={tmp_path / d}"], cwd=PROJECT_ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "replayed on cpu" in proc.stdout
+    proc = subprocess.run([py, "-m", "simcolo.compare", str(tmp_path / "sim"), str(tmp_path / "replay")],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("max_rel_err=") and float(last.split("=")[1]) >= 0
+    table = pd.read_csv(tmp_path / "replay" / "compare.csv")
+    assert {"ttft_mean_s", "tpot_mean_s", "request_throughput_rps"} <= set(table.metric)
