@@ -183,7 +183,8 @@ class LiveBackend:
         pool.allocate("weights", mem.weights_bytes)
         pool.allocate("train_state", mem.state_bytes)
         self.train_groups = [[g]]
-        del pred
+        self._task_predicted_s = (pred.task_forward_s(1)[0], pred.task_backward_s(1)[0],
+                                  pred.stage_costs(1, "optimizer")[0])
         self._place = lambda task: self.trainers[0].place(task)
         self._pending_trainers = [("isolated", g)]
         return system
@@ -201,6 +202,7 @@ class LiveBackend:
         if self.policy.memory_threshold is not None and self.training_on:
             self._gate = memory_gate(system, self.cluster, float(self.policy.memory_threshold), lambda: self.live.now)
         self._stage_s = (pred.task_forward_s(1)[0], pred.task_backward_s(1)[0])
+        self._task_predicted_s = (*self._stage_s, pred.stage_costs(1, "optimizer")[0])
         self._activation_bytes = mem.activation_bytes
         system.on_dispatch = self._on_dispatch
         if self.training_on:
@@ -243,6 +245,7 @@ class LiveBackend:
                                       backward_s=self._stage_s[1], instance=inst, gpu=inst.gpus[0],
                                       pool=self.cluster.gpus[inst.gpus[0]].memory,
                                       activation_bytes=self._activation_bytes, gate=self._gate, **kw)
+                inst.training_beside = lambda t=trainer: t.busy
                 self.nodes.append(LiveNode(where, inst, trainer, self.cost.prefill_s(2048, 1) / 2048,
                                            TableInterference(self.interference)))
             else:
@@ -256,6 +259,7 @@ class LiveBackend:
                 trainer = SyncTrainer(0, worker, dev, serving=list(self.system.instances),
                                       sync_every=int(self.cfg["policy"]["sync_every"]), **kw)
                 trainer.gpu = where
+            trainer.predicted_s = self._task_predicted_s
             self.trainers.append(trainer)
         if self.kind == "pipelines":
             if not self.nodes:   # serving alone on the layout, routed by the same policy
@@ -333,6 +337,33 @@ class LiveBackend:
             self.trainers[i].place(task)
 
     # ------------------------------------------------------------------ results
+    ITERATION_COLUMNS = ("instance", "prefill_seqs", "prefill_tokens", "decode_seqs", "kv_tokens", "start_s",
+                         "end_s", "predicted_s", "training_beside")
+
+    def iterations_frame(self):
+        """Every serving iteration of the replay with the cost model's prediction for it."""
+        import pandas as pd
+
+        rows = [row for inst in self.system.instances for row in inst.iteration_log]
+        df = pd.DataFrame(rows, columns=list(self.ITERATION_COLUMNS))
+        return df.astype({c: "int64" for c in self.ITERATION_COLUMNS[:5]} |
+                         {c: "float64" for c in self.ITERATION_COLUMNS[5:8]} | {"training_beside": "bool"})
+
+    def kernel_time_ratios(self) -> dict:
+        """Measured / predicted (solo tables) time of the work the replay ran with nothing beside it,
+        per kind: 1 means the tables held for this run, whatever the machine did since calibration."""
+        df = self.iterations_frame()
+        df = df[~df.training_beside]
+        out = {}
+        for kind, rows in (("prefill", df[df.prefill_seqs > 0]), ("decode", df[df.prefill_seqs == 0])):
+            pred = rows.predicted_s.sum()
+            out[f"replay_{kind}_time_over_table"] = float((rows.end_s - rows.start_s).sum() / pred) if pred > 0 \
+                else math.nan
+        pred = sum(t.solo_s[1] for t in self.trainers)
+        if pred > 0:
+            out["replay_train_time_over_table"] = sum(t.solo_s[0] for t in self.trainers) / pred
+        return out
+
     def training_frame(self):
         import pandas as pd
 
@@ -378,7 +409,7 @@ class LiveNode(Node):
 
     def serving_rate(self) -> float:
         kind = self.instance._kind
-        if kind is None or self.pipeline._running_since is None:
+        if kind is None or not self.pipeline.busy:
             return 1.0
         return self._interference.rates([kind, "train_forward"])[0]
 

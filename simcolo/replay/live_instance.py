@@ -32,6 +32,11 @@ class LiveInstance(Instance):
         self.vocab_size = 0
         self._cond = live.condition()
         self._tokens: dict[int, list[int]] = {}   # request id -> output token ids so far
+        #: one row per iteration: (instance, prefill seqs, prefill tokens, decode seqs, KV tokens, start_s,
+        #: end_s, predicted_s, training_beside) -- predicted_s is the cost model's solo latency for that very
+        #: batch, so the tables' error can be read off the replay itself, free of the machine's drift
+        self.iteration_log: list[tuple] = []
+        self.training_beside = lambda: False   # a co-located trainer is running a kernel (set by the backend)
         self.thread = threading.Thread(target=self._main, name=f"serving-{index}", daemon=True)
 
     def start(self, runner, vocab_size: int) -> None:
@@ -66,8 +71,10 @@ class LiveInstance(Instance):
                     self._cond.wait()
                 if live.stopped:
                     return
-                _, chunks, decodes = plan
+                predicted, chunks, decodes = plan
                 self._kind = "prefill" if chunks else "decode"
+                shape = (len(chunks), sum(c for _, c in chunks), len(decodes), self.kv_total if decodes else 0)
+                beside = self.training_beside()
                 start = live.now
                 active = {r.id for r in self.running}
                 active.update(r.id for r in self.prefilling)
@@ -78,6 +85,8 @@ class LiveInstance(Instance):
                 end = live.now
                 self.busy_s += end - start
                 self.iterations += 1
+                self.iteration_log.append((self.index, *shape, start, end, predicted,
+                                           beside or self.training_beside()))
                 self._complete_iteration(plan, end)
 
     def _run_kernels(self, active: set[int], prompts: list, decode_ids: list[int]) -> None:

@@ -10,6 +10,7 @@ rest of the trace with ``not_replayed``, and :class:`ReplayFailed` is raised nam
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,18 @@ def replay(cfg, out_dir: str | Path | None = None) -> RunResult:
     device = torch_device(str(cfg["device"]))
     if device.type == "cpu":
         torch.set_num_threads(int(rcfg["cpu_threads"]))
+    # A thread waiting for the GIL (an arrival due, a co-located trainer) gets it at the next switch
+    # interval of the holder (Python's default 5 ms, as long as a whole prefill of the tiny model).
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(float(rcfg["gil_switch_interval_s"]))
+    try:
+        return _replay(cfg, out_dir, device, wall0)
+    finally:
+        sys.setswitchinterval(switch)
+
+
+def _replay(cfg, out_dir: Path | None, device: torch.device, wall0: float) -> RunResult:
+    rcfg = cfg["replay"]
     seed = int(cfg["seed"])
     torch.manual_seed(seed)
     policy = make_policy(cfg["policy"], np.random.default_rng([seed, 2]))
@@ -102,6 +115,7 @@ def replay(cfg, out_dir: str | Path | None = None) -> RunResult:
     summary.update({f"status_{k}": v for k, v in sorted(sink.status_counts.items())})
     summary.update(slo_multiples(sink, backend.cost))
     summary.update(backend.training_summary(summary["duration_s"]))
+    summary.update(backend.kernel_time_ratios())
     summary.update(workload.stats.as_dict())
     summary.update({"cost_source": backend.cost.metadata.get("source", "unknown"),
                     "policy": cfg["policy"]["name"], "model": backend.model.name, "gpu": backend.gpu.name,
@@ -119,6 +133,8 @@ def replay(cfg, out_dir: str | Path | None = None) -> RunResult:
         if training is not None:
             with atomic_path(out_dir / "training.parquet") as tmp:
                 training.to_parquet(tmp, index=False)
+        with atomic_path(out_dir / "iterations.parquet") as tmp:
+            backend.iterations_frame().to_parquet(tmp, index=False)
         if cfg["metrics"]["plots"]:
             from simcolo.metrics.plots import write_plots
 

@@ -63,6 +63,8 @@ class LiveTrainer:
         self.version = 0
         self.tasks_done = 0
         self.train_busy_s = 0.0
+        self.solo_s = [0.0, 0.0]      # (measured, predicted) of work that ran with no serving beside it
+        self.predicted_s = (0.0, 0.0, 0.0)   # forward, backward, optimizer of one task, set by the backend
         self._cond = live.condition()
         self.thread = threading.Thread(target=self._main, name=f"trainer-{index}", daemon=True)
 
@@ -114,7 +116,8 @@ class NodeTrainer(LiveTrainer):
         self.f, self.b = forward_s, backward_s
         self.instance, self.gpu, self.pool, self.activation_bytes = instance, gpu, pool, activation_bytes
         self.gate = gate
-        self._running_since: float | None = None
+        self._running_since: float | None = None   # the running task's start (for the backlog)
+        self.busy = False                          # a kernel (task or optimizer step) is running
 
     def stage_backlog_s(self, stage: int) -> float:
         """Predicted solo seconds of training work placed here and not yet done (the running task's
@@ -138,22 +141,28 @@ class NodeTrainer(LiveTrainer):
                     return
                 task = self.queue.popleft()
                 task.start_s = self._running_since = live.now
+                self.busy = True
+                alone, iterations_before = self.instance._kind is None, self.instance.iterations
                 self.pool.allocate("train_activations", self.activation_bytes)
             self.worker.step(self.index, [task], False)
             with self._cond:
                 end = live.now
                 self.train_busy_s += end - task.start_s
+                if alone and self.instance._kind is None and self.instance.iterations == iterations_before:
+                    self.solo_s[0] += end - task.start_s
+                    self.solo_s[1] += self.predicted_s[0] + self.predicted_s[1]
                 self.pool.release("train_activations", self.activation_bytes)
                 self._running_since = None
+                self.busy = step_due = (self.tasks_done + 1) % self.global_batch == 0
                 task.finish_s = end
                 self.tasks_done += 1
-                step_due = self.tasks_done % self.global_batch == 0
                 self.on_task_done(task)
             if step_due:
                 start = live.now
                 self.worker.step(self.index, [], True)
                 with self._cond:
                     end = live.now
+                    self.busy = False
                     self.train_busy_s += end - start
                     self.version += 1
                     self.instance.model_version = self.version
@@ -191,6 +200,9 @@ class SyncTrainer(LiveTrainer):
             with self._cond:
                 end = live.now
                 self.train_busy_s += end - start
+                f, b, opt = self.predicted_s
+                self.solo_s[0] += end - start              # its own GPU: always alone
+                self.solo_s[1] += len(tasks) * (f + b) + opt
                 self.version += 1
                 for t in tasks:
                     t.finish_s = end
