@@ -165,6 +165,7 @@ class LiveBackend:
 
     # ------------------------------------------------------------------ layouts
     def _serving(self, layout):
+        self.interference = InterferenceTable.none()
         return self._system(layout, self._cost())
 
     def _isolated(self, layout):
@@ -350,13 +351,15 @@ class LiveBackend:
                          {c: "float64" for c in self.ITERATION_COLUMNS[5:8]} | {"training_beside": "bool"})
 
     def kernel_time_ratios(self) -> dict:
-        """Measured / predicted (solo tables) time of the work the replay ran with nothing beside it,
-        per kind: 1 means the tables held for this run, whatever the machine did since calibration."""
+        """Measured / predicted time of the serving iterations and training work the replay ran, per
+        kind: 1 means the tables held for this run, whatever the machine did since calibration. An
+        iteration with training beside it is predicted as the simulator does: its solo time times the
+        interference table's slowdown; training counts only work that ran with serving idle."""
         df = self.iterations_frame()
-        df = df[~df.training_beside]
         out = {}
         for kind, rows in (("prefill", df[df.prefill_seqs > 0]), ("decode", df[df.prefill_seqs == 0])):
-            pred = rows.predicted_s.sum()
+            slowdown = self.interference.slowdown(kind, "train", None)[0] if rows.training_beside.any() else 1.0
+            pred = (rows.predicted_s * rows.training_beside.map({True: slowdown, False: 1.0})).sum()
             out[f"replay_{kind}_time_over_table"] = float((rows.end_s - rows.start_s).sum() / pred) if pred > 0 \
                 else math.nan
         pred = sum(t.solo_s[1] for t in self.trainers)

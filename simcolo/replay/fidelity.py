@@ -186,8 +186,9 @@ def _markdown(table: pd.DataFrame, drift: dict, a) -> str:
         corrected = f"{in_situ.loc[key, 'rel_err']:.1%}" if key in in_situ.index else ""
         lines.append(f"| {r.policy} | {r.metric} | {r.simulated:.4g} | {r.measured_median:.4g} | {r.rel_err:.1%} | "
                      f"{r.rel_err_min:.0%}–{r.rel_err_max:.0%} | {corrected} |")
-    lines += ["", "In the replays themselves, measured / predicted (solo tables) time of the same batches and tasks "
-              "(median over replays; co-located work includes its interference):", ""]
+    lines += ["", "In the replays themselves, measured / predicted time of the same batches and tasks (median over "
+              "replays; a serving iteration with training beside it is predicted with the interference table's "
+              "slowdown, as the simulator does; training counts work that ran with serving idle):", ""]
     for policy, g in table[table.metric.isin(IN_SITU)].groupby("policy", sort=False):
         lines.append(f"- {policy}: " + ", ".join(f"{r.metric.removeprefix('replay_').removesuffix('_time_over_table')}"
                                                  f" {r.measured_median:.2f}x" for r in g.itertuples()))
