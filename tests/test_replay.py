@@ -170,3 +170,38 @@ def test_replay_and_compare_commands(cpu_calibration, tmp_path):
     assert last.startswith("max_rel_err=") and float(last.split("=")[1]) >= 0
     table = pd.read_csv(tmp_path / "replay" / "compare.csv")
     assert {"ttft_mean_s", "tpot_mean_s", "request_throughput_rps"} <= set(table.metric)
+
+
+def test_every_iteration_is_logged_with_the_tables_prediction_for_that_batch(cpu_calibration, tmp_path):
+    from simcolo.costs import cost_model_for
+
+    rep = run_replay(*common(cpu_calibration, n=20), "cluster=single", out_dir=tmp_path)
+    it = pd.read_parquet(tmp_path / "iterations.parquet")
+    assert len(it) == rep.summary["iterations"]
+    assert (it.end_s > it.start_s).all() and (it.start_s.diff().dropna() > 0).all()
+    cost = cost_model_for("cpu", "tiny", 1, cpu_calibration[0])
+    pre, dec = it[it.prefill_seqs > 0], it[it.prefill_seqs == 0]
+    assert pre.prefill_tokens.sum() == pd.read_parquet(tmp_path / "requests.parquet").prompt_tokens.sum()
+    assert np.allclose(pre.predicted_s, [cost.prefill_s(t, n) for t, n in zip(pre.prefill_tokens, pre.prefill_seqs)])
+    assert np.allclose(dec.predicted_s, [cost.decode_s(b, kv) for b, kv in zip(dec.decode_seqs, dec.kv_tokens)])
+    s = rep.summary
+    measured = (dec.end_s - dec.start_s).sum()
+    assert s["replay_decode_time_over_table"] == pytest.approx(measured / dec.predicted_s.sum())
+
+
+def test_fidelity_tables_rescale_and_drift(cpu_calibration, tmp_path):
+    """The fidelity runner's two table operations, on the session's real calibration."""
+    from simcolo.replay.fidelity import calibration_drift, rescale_tables
+
+    src = cpu_calibration[0]
+    rescale_tables(src, tmp_path / "x", {"replay_prefill_time_over_table": 1.5,
+                                         "replay_decode_time_over_table": float("nan")})
+    for table, factor in (("prefill", 1.5), ("decode", 1.0), ("train_stage", 1.0)):
+        a, b = pd.read_csv(src / f"{table}.csv"), pd.read_csv(tmp_path / "x" / f"{table}.csv")
+        assert np.allclose(b.latency_s, factor * a.latency_s)
+        assert a.drop(columns="latency_s").equals(b.drop(columns="latency_s"))
+    drift = calibration_drift(src, tmp_path / "x")
+    assert drift["prefill"] == pytest.approx(0.5) and drift["decode"] == pytest.approx(0.0)
+    from simcolo.costs import CostModel
+
+    assert CostModel.load(tmp_path / "x").prefill_s(256, 1) == pytest.approx(1.5 * CostModel.load(src).prefill_s(256, 1))
