@@ -168,19 +168,27 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
     training = training_frame(colo)
     result = RunResult(summary, sink, timeline, system, sim_wall_s, out_dir, training=training, colocation=colo)
     if out_dir is not None:
-        with atomic_path(out_dir / "gpus.parquet") as tmp:
-            timeline.to_parquet(tmp, index=False)
-        if training is not None:
-            with atomic_path(out_dir / "training.parquet") as tmp:
-                training.to_parquet(tmp, index=False)
-        if cfg["metrics"]["plots"]:
-            from simcolo.metrics.plots import write_plots
-
-            columns = ["status", "ttft_s", "tpot_s", "e2el_s", "finish_s", "output_tokens"]
-            result.plots = write_plots(sink.read(columns).to_pandas(), timeline, out_dir / "plots",
-                                       f"({model.name}, {cfg['policy']['name']})")
-        write_json(out_dir / "summary.json", summary)  # last: its presence means the run completed
+        result.plots = write_outputs(out_dir, cfg, result, f"({model.name}, {cfg['policy']['name']})")
     return result
+
+
+def write_outputs(out_dir: Path, cfg, result: RunResult, label: str, tables: dict | None = None) -> list[Path]:
+    """A run's files beside ``requests.parquet`` (written by its sink): ``gpus.parquet``, ``training.parquet``
+    (co-located runs), any further ``tables`` (name -> DataFrame), ``plots/`` (``metrics.plots``) and, last,
+    ``summary.json``, whose presence means the run completed. Returns the plots written."""
+    frames = {"gpus": result.timeline, "training": result.training, **(tables or {})}
+    for name, frame in frames.items():
+        if frame is not None:
+            with atomic_path(out_dir / f"{name}.parquet") as tmp:
+                frame.to_parquet(tmp, index=False)
+    plots = []
+    if cfg["metrics"]["plots"]:
+        from simcolo.metrics.plots import write_plots
+
+        columns = ["status", "ttft_s", "tpot_s", "e2el_s", "finish_s", "output_tokens"]
+        plots = write_plots(result.sink.read(columns).to_pandas(), result.timeline, out_dir / "plots", label)
+    write_json(out_dir / "summary.json", result.summary)
+    return plots
 
 
 def training_frame(colo) -> pd.DataFrame | None:

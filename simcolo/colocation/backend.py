@@ -19,7 +19,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from simcolo.colocation.nodes import Node
+from simcolo.colocation.nodes import Node, TrainingPlacement
 from simcolo.colocation.predictor import SimPredictor
 from simcolo.costs import cost_model_for
 from simcolo.costs.interference_table import InterferenceTable
@@ -86,7 +86,7 @@ class Colocation:
         self.tokens_done = 0
         self.trainers: list = []
         self.nodes: list[Node] = []
-        self.deferred: list = []
+        self.placement: TrainingPlacement | None = None   # co-located pipelines only
         self.weight_sync: WeightSync | None = None
         self.finetuners: list[LoraFinetuner] = []
         self.train_groups: list[list[int]] = []    # GPUs of each training replica (isolated)
@@ -255,30 +255,12 @@ class Colocation:
             self.nodes.append(Node(i, inst, pipe, per_token))
         system.entry_views = self.nodes
         system.on_dispatch = self._on_dispatch
-        self._place = self._place_on_node
+        self.placement = TrainingPlacement(self.policy, self.nodes, self.env)
+        self._place = self.placement.place
         return system
 
     def _on_dispatch(self, r, inst) -> None:
         self.nodes[inst.index].placed(self.env.now, r.prompt_tokens, False)
-
-    def _place_on_node(self, task) -> None:
-        i = self.policy.place_training(task, self.nodes, self.policy.predictor, self.env.now)
-        if i is None:
-            self.deferred.append(task)
-            return
-        node = self.nodes[i]
-        node.placed(self.env.now, task.tokens, True)
-        node.pipeline.place(task)
-
-    def _retry_deferred(self) -> None:
-        while self.deferred:
-            task = self.deferred[0]
-            i = self.policy.place_training(task, self.nodes, self.policy.predictor, self.env.now)
-            if i is None:
-                return
-            self.deferred.pop(0)
-            self.nodes[i].placed(self.env.now, task.tokens, True)
-            self.nodes[i].pipeline.place(task)
 
     def _node_version(self, pipe) -> None:
         self.nodes[pipe.index].instance.model_version = pipe.version
@@ -324,6 +306,11 @@ class Colocation:
         self._place = self.pool.add
         return system
 
+    @property
+    def deferred(self) -> list:
+        """Training tasks the policy has deferred and not yet placed."""
+        return self.placement.deferred if self.placement is not None else []
+
     def close(self, now: float) -> None:
         """End of the run: pipelines count the time they are still busy (for the bubble rate)."""
         for trainer in self.trainers:
@@ -335,8 +322,8 @@ class Colocation:
         self.tasks_done += 1
         self.tokens_done += task.tokens
         self.stream.task_done(task)
-        if self.deferred:
-            self._retry_deferred()
+        if self.placement is not None:
+            self.placement.retry()
 
     def on_request_arrival(self) -> None:
         if self.stream is not None:

@@ -77,3 +77,35 @@ class Node:
     def placed(self, now: float, length: float, training: bool) -> None:
         self.last_arrival_s = now
         self._stats[1 if training else 0].add(length)
+
+
+class TrainingPlacement:
+    """Offers training tasks to a pipeline policy over co-located nodes (both backends use this): a task
+    the policy defers waits in ``deferred`` and is offered again, oldest first, by ``retry`` (called
+    whenever a training task finishes). ``clock.now`` is the backend's time."""
+
+    def __init__(self, policy, nodes: list, clock):
+        self.policy, self.nodes, self.clock = policy, nodes, clock
+        self.deferred: list = []
+
+    def place(self, task) -> None:
+        i = self._choose(task)
+        if i is None:
+            self.deferred.append(task)
+        else:
+            self._put(task, i)
+
+    def retry(self) -> None:
+        while self.deferred:
+            i = self._choose(self.deferred[0])
+            if i is None:
+                return
+            self._put(self.deferred.pop(0), i)   # popped first: placing may finish tasks (and retry)
+
+    def _choose(self, task) -> int | None:
+        return self.policy.place_training(task, self.nodes, self.policy.predictor, self.clock.now)
+
+    def _put(self, task, i: int) -> None:
+        node = self.nodes[i]
+        node.placed(self.clock.now, task.tokens, True)
+        node.pipeline.place(task)

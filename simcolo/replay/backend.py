@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from simcolo.colocation.backend import TrainingRecords, memory_gate, training_table_dir
-from simcolo.colocation.nodes import Node
+from simcolo.colocation.nodes import Node, TrainingPlacement
 from simcolo.colocation.predictor import SimPredictor
 from simcolo.costs import cost_model_for
 from simcolo.costs.interference_table import InterferenceTable
@@ -85,7 +85,7 @@ class LiveBackend:
         self.tokens_done = 0
         self.trainers: list = []
         self.nodes: list[Node] = []
-        self.deferred: list = []
+        self.placement: TrainingPlacement | None = None   # co-located pipelines only
         self.train_groups: list[list[int]] = []
         self.serving_models: dict[int, torch.nn.Module] = {}
         self.stream: TaskStream | None = None
@@ -209,7 +209,7 @@ class LiveBackend:
         if self.training_on:
             for inst in system.instances:
                 self.cluster.gpus[inst.gpus[0]].memory.allocate("train_state", mem.state_bytes)
-            self._place = self._place_on_node
+            self._place = lambda task: self.placement.place(task)
         self._pending_trainers = [("node", inst.index) for inst in system.instances] if self.training_on else []
         return system
 
@@ -263,6 +263,7 @@ class LiveBackend:
             trainer.predicted_s = self._task_predicted_s
             self.trainers.append(trainer)
         if self.kind == "pipelines":
+            self.placement = TrainingPlacement(self.policy, self.nodes, self.env)
             if not self.nodes:   # serving alone on the layout, routed by the same policy
                 self.nodes = [Node(i, inst, _NoPipeline(), self.cost.prefill_s(2048, 1) / 2048)
                               for i, inst in enumerate(self.system.instances)]
@@ -316,26 +317,12 @@ class LiveBackend:
     def _on_dispatch(self, r, inst) -> None:
         self.nodes[inst.index].placed(self.live.now, r.prompt_tokens, False)
 
-    def _place_on_node(self, task) -> None:
-        i = self.policy.place_training(task, self.nodes, self.policy.predictor, self.live.now)
-        if i is None:
-            self.deferred.append(task)
-            return
-        self.nodes[i].placed(self.live.now, task.tokens, True)
-        self.trainers[i].place(task)
-
     def _task_done(self, task) -> None:
         self.tasks_done += 1
         self.tokens_done += task.tokens
         self.stream.task_done(task)
-        while self.deferred:   # as the simulator: deferred tasks are offered again when one finishes
-            task = self.deferred[0]
-            i = self.policy.place_training(task, self.nodes, self.policy.predictor, self.live.now)
-            if i is None:
-                break
-            self.deferred.pop(0)
-            self.nodes[i].placed(self.live.now, task.tokens, True)
-            self.trainers[i].place(task)
+        if self.placement is not None:
+            self.placement.retry()
 
     # ------------------------------------------------------------------ results
     ITERATION_COLUMNS = ("instance", "prefill_seqs", "prefill_tokens", "decode_seqs", "kv_tokens", "start_s",
@@ -391,7 +378,7 @@ class LiveBackend:
         out["model_version_mean"] = float(versions.mean()) if versions.size else math.nan
         out["train_busy_frac_mean"] = float(np.mean([t.train_busy_s for t in self.trainers])) / d if d > 0 else math.nan
         if self.kind == "pipelines":
-            out["train_deferred_tasks"] = len(self.deferred)
+            out["train_deferred_tasks"] = len(self.placement.deferred)
             out["train_queued_tasks"] = sum(t.queued for t in self.trainers)
         else:
             t = self.trainers[0]

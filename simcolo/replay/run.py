@@ -18,14 +18,13 @@ import numpy as np
 import torch
 
 from simcolo.errors import SimcoloError
-from simcolo.metrics.io import atomic_path, write_json
 from simcolo.metrics.records import RequestSink
 from simcolo.metrics.summary import serving_summary
 from simcolo.metrics.training_summary import slo_multiples
 from simcolo.policies import make_policy
 from simcolo.replay.backend import LiveBackend, torch_device
 from simcolo.replay.timeline import LiveTimeline
-from simcolo.simulate import RunResult, _cluster_summary
+from simcolo.simulate import RunResult, _cluster_summary, write_outputs
 from simcolo.workload import build_workload
 
 
@@ -129,20 +128,8 @@ def _replay(cfg, out_dir: Path | None, device: torch.device, wall0: float) -> Ru
     result = RunResult(summary, sink, frame, system, time.perf_counter() - wall0, out_dir, training=training,
                        colocation=backend)
     if out_dir is not None:
-        with atomic_path(out_dir / "gpus.parquet") as tmp:
-            frame.to_parquet(tmp, index=False)
-        if training is not None:
-            with atomic_path(out_dir / "training.parquet") as tmp:
-                training.to_parquet(tmp, index=False)
-        with atomic_path(out_dir / "iterations.parquet") as tmp:
-            backend.iterations_frame().to_parquet(tmp, index=False)
-        if cfg["metrics"]["plots"]:
-            from simcolo.metrics.plots import write_plots
-
-            columns = ["status", "ttft_s", "tpot_s", "e2el_s", "finish_s", "output_tokens"]
-            result.plots = write_plots(sink.read(columns).to_pandas(), frame, out_dir / "plots",
-                                       f"({backend.model.name}, {cfg['policy']['name']}, replay on {device})")
-        write_json(out_dir / "summary.json", summary)
+        result.plots = write_outputs(out_dir, cfg, result, f"({backend.model.name}, {cfg['policy']['name']}, "
+                                     f"replay on {device})", {"iterations": backend.iterations_frame()})
     if live.failure:
         where = f"; records so far are in {out_dir}" if out_dir is not None else ""
         raise ReplayFailed(f"replay stopped: {live.failure}{where}") from live.failure_exc
