@@ -132,6 +132,8 @@ def test_a_kernel_failure_stops_the_replay_and_keeps_every_record(cpu_calibratio
      r"policy.serving_gpus=4 with 4 GPUs.*must be 3"),
     (["serving.tp=2", "cluster=cpu2"], r"serving.tp=2.*tp=1"),
     (["device=tpu"], r"device='tpu'; expected cpu or cuda"),
+    (["policy=isolated", "cluster=cpu2", "policy.serving_gpus=1", *TRAIN, "training.data.backlog=1"],
+     r"training.data.backlog=1 is smaller than one isolated step"),
     (["replay.isolated_trainer=fork", "policy=isolated", "cluster=cpu2", "policy.serving_gpus=1", *TRAIN],
      r"replay.isolated_trainer='fork'"),
 ])

@@ -178,6 +178,10 @@ class LiveBackend:
         pred = self._predictor(self.cost)
         if not self.training_on:
             return system
+        data = self.cfg["training"]["data"]
+        if data["kind"] == "backlog" and int(data["backlog"]) < self.global_batch:
+            raise ConfigError(f"training.data.backlog={data['backlog']} is smaller than one isolated step "
+                              f"(training.global_batch={self.global_batch} tasks): training would never start")
         mem = self._stage_memory()
         g = serving_gpus
         pool = self.cluster.gpus[g].memory

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 
 
 class LiveContext:
@@ -47,7 +46,6 @@ class LiveContext:
             if self.failure is None:
                 self.failure = f"{where}: {type(exc).__name__}: {exc}"
                 self.failure_exc = exc
-                self.failure_trace = "".join(traceback.format_exception(exc))
         self.stop()
 
     def synchronize(self, device) -> None:

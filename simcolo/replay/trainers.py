@@ -180,10 +180,6 @@ class SyncTrainer(LiveTrainer):
         self.syncs = 0
         self.sync_s: list[float] = []
 
-    @property
-    def tasks_per_step(self) -> int:
-        return self.global_batch
-
     def _train(self) -> None:
         live = self.live
         while True:
