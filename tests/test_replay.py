@@ -131,6 +131,7 @@ def test_a_kernel_failure_stops_the_replay_and_keeps_every_record(cpu_calibratio
     (["policy=isolated", "cluster=h100x4", "training.stages=1", "training.activation_checkpointing=false"],
      r"policy.serving_gpus=4 with 4 GPUs.*must be 3"),
     (["serving.tp=2", "cluster=cpu2"], r"serving.tp=2.*tp=1"),
+    (["serving=sarathi"], r"serving.chunked_prefill=true .* not run live yet"),
     (["device=tpu"], r"device='tpu'; expected cpu or cuda"),
     (["policy=isolated", "cluster=cpu2", "policy.serving_gpus=1", *TRAIN, "training.data.backlog=1"],
      r"training.data.backlog=1 is smaller than one isolated step"),

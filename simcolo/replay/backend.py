@@ -7,9 +7,9 @@ the KV budget and memory accounting, the cost predictions the policy is bound to
 the LeMix memory gate, the learning curve and every metric. What is live: the clock (wall time since
 the first arrival could happen), prefill/decode/training kernels on the real model, weight syncs.
 
-Supported live (a clear ``ConfigError`` otherwise): colocated serving at ``tp=1``; ``isolated`` with one
-training replica of one stage; ``pipelines`` (mix_*, lemix) with one stage per node; training data
-``backlog``; no activation checkpointing. Prefill/decode disaggregation and LoRA finetuning (``harli``,
+Supported live (a clear ``ConfigError`` otherwise): colocated serving at ``tp=1`` without chunked
+prefill; ``isolated`` with one training replica of one stage; ``pipelines`` (mix_*, lemix) with one
+stage per node; training data ``backlog``; no activation checkpointing. Prefill/decode disaggregation and LoRA finetuning (``harli``,
 ``static_share``, ``flexllm``) are not live yet.
 """
 from __future__ import annotations
@@ -94,6 +94,9 @@ class LiveBackend:
         if layout.mode != "colocated" or layout.tp != 1:
             raise ConfigError(f"serving.mode={layout.mode}, serving.tp={layout.tp}: the live replay runs colocated "
                               f"instances of one GPU each (serving.mode=colocated, serving.tp=1)")
+        if self.batching.chunked_prefill:
+            raise ConfigError("serving.chunked_prefill=true (Sarathi-style mixed batches) is not run live yet: the "
+                              "replay's engine prefills whole prompts; use serving=vllm")
         if self.kind == "serving" and tcfg["kind"] != "none":
             raise ConfigError(f"policy '{policy.name}' only routes requests; training={tcfg['kind']} needs a "
                               f"co-location policy")
