@@ -33,6 +33,16 @@ def edit_csv(directory, name, change):
     return path
 
 
+def set_cell(directory, name, row: int, column: str, value):
+    """Write ``value`` into one cell of ``<directory>/<name>.csv`` (the column is made an object column
+    first, so a value of another type, such as a string in a number column, is written as is)."""
+    def change(df):
+        df[column] = df[column].astype(object)
+        df.loc[row, column] = value
+        return df
+    return edit_csv(directory, name, change)
+
+
 def edit_meta(directory, change):
     """Apply ``change`` to the directory's metadata.json in place."""
     path = directory / "metadata.json"

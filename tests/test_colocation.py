@@ -141,28 +141,22 @@ def test_no_gpu_ever_exceeds_its_memory(policy, gpu, model, micro_batch, seq_len
     assert (t["memory_used_bytes"] <= t["memory_capacity_bytes"]).all()
 
 
-def test_bad_configs_are_refused_with_the_key_to_change():
-    with pytest.raises(ConfigError, match=r"shrink the training's memory"):
-        run_sim("policy=lemix", "cluster=h100x8", "training.state_bytes_per_param=18", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"policy.serving_gpus=8 must leave GPUs"):
-        run_sim("policy=isolated", "cluster=h100x8", "policy.serving_gpus=8", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"training.stages=3 does not divide"):
-        run_sim("policy=lemix", "cluster=h100x8", "training.stages=3", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"policy 'least_outstanding' only routes requests"):
-        run_sim("training=full", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"training.data.kind 'nope' is unknown"):
-        run_sim("policy=lemix", "cluster=h100x8", "training.data.kind=nope", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"training.schedule 'zigzag' is unknown"):
-        run_sim("policy=isolated", "cluster=h100x8", "training.schedule=zigzag", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"activation_checkpointing=true is not modelled for LoRA"):
-        run_sim("policy=harli", "cluster=h100x8", "training.activation_checkpointing=true", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"policy 'lemix' trains full parameters .* use training=full"):
-        run_sim("policy=lemix", "cluster=h100x8", "training=lora", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"policy 'harli' trains LoRA adapters .* use training=lora"):
-        run_sim("policy=harli", "cluster=h100x8", "training=full", "workload.max_requests=5")
-    with pytest.raises(ConfigError, match=r"training.learning_curve"):
-        run_sim("policy=lemix", "cluster=h100x8", "training.learning_curve.final_loss=3",
-                "workload.max_requests=5")
+@pytest.mark.parametrize("overrides, match", [
+    (["policy=lemix", "cluster=h100x8", "training.state_bytes_per_param=18"], r"shrink the training's memory"),
+    (["policy=isolated", "cluster=h100x8", "policy.serving_gpus=8"], r"policy.serving_gpus=8 must leave GPUs"),
+    (["policy=lemix", "cluster=h100x8", "training.stages=3"], r"training.stages=3 does not divide"),
+    (["training=full"], r"policy 'least_outstanding' only routes requests"),
+    (["policy=lemix", "cluster=h100x8", "training.data.kind=nope"], r"training.data.kind 'nope' is unknown"),
+    (["policy=isolated", "cluster=h100x8", "training.schedule=zigzag"], r"training.schedule 'zigzag' is unknown"),
+    (["policy=harli", "cluster=h100x8", "training.activation_checkpointing=true"],
+     r"activation_checkpointing=true is not modelled for LoRA"),
+    (["policy=lemix", "cluster=h100x8", "training=lora"], r"policy 'lemix' trains full parameters .* use training=full"),
+    (["policy=harli", "cluster=h100x8", "training=full"], r"policy 'harli' trains LoRA adapters .* use training=lora"),
+    (["policy=lemix", "cluster=h100x8", "training.learning_curve.final_loss=3"], r"training.learning_curve"),
+])
+def test_bad_configs_are_refused_with_the_key_to_change(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        run_sim(*overrides, "workload.max_requests=5")
 
 
 def test_flexllm_interleaves_in_time_up_to_its_target_and_harli_overlaps_for_more():

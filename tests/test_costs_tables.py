@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import edit_csv, edit_meta
+from conftest import edit_csv, edit_meta, set_cell
 from simcolo.costs import CostModel, cost_model_for
 from simcolo.costs.roofline import generate
 from simcolo.errors import TableError
@@ -46,20 +46,14 @@ def test_duplicate_key(good):
 
 
 def test_nan(good):
-    def change(df):
-        df.loc[6, "latency_s"] = np.nan
-        return df
-    edit_csv(good, "prefill", change)
+    set_cell(good, "prefill", 6, "latency_s", np.nan)
     with pytest.raises(TableError, match=r"prefill\.csv: row 7 \(line 8\), column 'latency_s': .* "
                                          r"is not a finite number"):
         CostModel.load(good)
 
 
 def test_non_positive_latency(good):
-    def change(df):
-        df.loc[2, "latency_s"] = 0.0
-        return df
-    edit_csv(good, "decode", change)
+    set_cell(good, "decode", 2, "latency_s", 0.0)
     with pytest.raises(TableError, match=r"row 3 \(line 4\), column 'latency_s': 0\.0; "
                                          r"expected a latency > 0"):
         CostModel.load(good)
@@ -67,11 +61,7 @@ def test_non_positive_latency(good):
 
 @pytest.mark.parametrize("bad", [16.5, 0, "abc"])
 def test_bad_key(good, bad):
-    def change(df):
-        df["batch_tokens"] = df["batch_tokens"].astype(object)
-        df.loc[0, "batch_tokens"] = bad
-        return df
-    edit_csv(good, "prefill", change)
+    set_cell(good, "prefill", 0, "batch_tokens", bad)
     with pytest.raises(TableError, match=r"row 1 \(line 2\), column 'batch_tokens'"):
         CostModel.load(good)
 

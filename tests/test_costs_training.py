@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from calibrate.harness import load_config, run
-from conftest import edit_csv, edit_meta
+from conftest import edit_csv, edit_meta, set_cell
 from simcolo.costs import CostModel, InterferenceTable, OffGridWarning, TrainingCosts
 from simcolo.costs.roofline import generate
 from simcolo.costs.schema import TRAINING_PHASES
@@ -290,11 +290,7 @@ def test_streams_only_table_refuses_share_queries(tiny):
 # ------------------------------------------------------------------------------ malformed files
 
 def test_negative_latency_is_named_with_file_and_line(tiny):
-    def negate(df):
-        df.loc[4, "latency_s"] = -1.0
-        return df
-
-    edit_csv(tiny, "train_stage", negate)
+    set_cell(tiny, "train_stage", 4, "latency_s", -1.0)
     with pytest.raises(TableError, match=r"train_stage\.csv: row 5 \(line 6\), column 'latency_s': -1\.0; "
                                          r"expected a latency > 0 seconds"):
         TrainingCosts.load(tiny)
@@ -312,11 +308,7 @@ def test_missing_column_is_named(tiny):
 
 
 def test_bad_values_are_named(tiny):
-    def bad_phase(df):
-        df.loc[2, "phase"] = "sideways"
-        return df
-
-    edit_csv(tiny, "lora_step", bad_phase)
+    set_cell(tiny, "lora_step", 2, "phase", "sideways")
     with pytest.raises(TableError, match=r"lora_step\.csv: row 3 \(line 4\), column 'phase': 'sideways'; "
                                          r"expected one of \['forward', 'backward', 'optimizer'\]"):
         TrainingCosts.load(tiny)
@@ -324,23 +316,12 @@ def test_bad_values_are_named(tiny):
 
 def test_bad_interference_rows_are_named(tmp_path):
     d = generate("h100-sxm", "tiny", 1, tmp_path / "a")
-
-    def nan_share(df):
-        df["sm_share_a_actual"] = df["sm_share_a_actual"].astype(object)
-        df.loc[6, "sm_share_a_actual"] = "NaN"
-        return df
-
-    edit_csv(d, "interference", nan_share)
+    set_cell(d, "interference", 6, "sm_share_a_actual", "NaN")
     with pytest.raises(TableError, match=r"interference\.csv: row 7 \(line 8\), column 'sm_share_a_actual': "
                                          r".*is not a finite number"):
         InterferenceTable.load(d)
     d = generate("h100-sxm", "tiny", 1, tmp_path / "b")
-
-    def bad_kind(df):
-        df.loc[0, "kind_b"] = "pretrain"
-        return df
-
-    edit_csv(d, "interference", bad_kind)
+    set_cell(d, "interference", 0, "kind_b", "pretrain")
     with pytest.raises(TableError, match=r"row 1 \(line 2\), column 'kind_b': 'pretrain'; expected one of"):
         InterferenceTable.load(d)
 
@@ -352,12 +333,7 @@ def test_duplicates_and_inconsistent_stages_are_named(tmp_path):
                                          r"micro_batch=\d+, seq_len=\d+, phase=\w+\) in row 8 \(line 9\)"):
         TrainingCosts.load(d)
     d = generate("h100-sxm", "tiny", 1, tmp_path / "b")
-
-    def wrong_layers(df):
-        df.loc[0, "num_layers"] = 7
-        return df
-
-    edit_csv(d, "train_stage", wrong_layers)
+    set_cell(d, "train_stage", 0, "num_layers", 7)
     with pytest.raises(TableError, match=r"row 1 \(line 2\), column 'num_layers': 7; stage 0 of 1 of a "
                                          r"2-layer model"):
         TrainingCosts.load(d)

@@ -1,12 +1,9 @@
 """Live-replay kernels (simcolo/replay/model_runner.py) on the tiny model, CPU float32: the slot-cache
 serving engine against a no-cache forward of the whole sequence, its errors, and training."""
-import statistics
-import time
-
 import pytest
 import torch
 
-from calibrate.model import KVCache, build_model
+from calibrate.model import build_model
 from simcolo.replay.model_runner import ServingRunner, SlotKVCache, TrainingRunner
 from simcolo.specs import load_model_spec
 
@@ -138,39 +135,3 @@ def test_training_lowers_loss_and_syncs_weights_into_a_serving_replica(spec, mod
         assert not torch.allclose(replica(ids), model(ids))
         assert trainer.copy_weights_to(replica) == spec.num_params * 4
         assert torch.equal(replica(ids), model(ids))
-
-
-def test_decode_timing_vs_uniform_kv_cache(spec, model):
-    """Prints (does not assert) a batch-8 decode at 100 tokens: the slot runner vs calibrate's uniform
-    ``model(ids, KVCache)``; run with ``-s`` to see it."""
-    b, t, reps = 8, 100, 200
-    runner = ServingRunner(model, max_seqs=b, max_len=t + 1)
-    runner.prefill([(i, prompt(spec, t, i)) for i in range(b)])
-    cache = KVCache.filled(spec, b, t, t + 1, device="cpu", dtype=torch.float32)
-    ids = torch.randint(0, spec.vocab_size, (b,))
-
-    def slot_step():
-        runner.cache.lengths[:] = [t] * b
-        runner.decode(list(range(b)), ids)
-
-    def ragged_step():  # lengths 93..100: the masked path
-        runner.cache.lengths[:] = [t - i for i in range(b)]
-        runner.decode(list(range(b)), ids)
-
-    @torch.inference_mode()
-    def uniform_step():
-        cache.length = t
-        model(ids[:, None], cache, last_token_logits_only=True).argmax(-1).cpu()
-
-    def median_us(fn):
-        for _ in range(10):
-            fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e6
-
-    print(f"\ndecode b={b} len={t}: calibrate KVCache {median_us(uniform_step):.0f} us, "
-          f"slot runner uniform {median_us(slot_step):.0f} us, ragged (masked) {median_us(ragged_step):.0f} us")

@@ -74,7 +74,24 @@ def memory_gate(system, cluster, threshold: float, now):
     return gate
 
 
-class Colocation:
+class TrainingTally:
+    """What both backends (simulated and live) do when a training task finishes: count it, let the data
+    stream replace or retire it, and offer the tasks the policy deferred again."""
+
+    tasks_done = 0
+    tokens_done = 0
+    stream = None
+    placement = None   # a TrainingPlacement (co-located pipelines only)
+
+    def _task_done(self, task) -> None:
+        self.tasks_done += 1
+        self.tokens_done += task.tokens
+        self.stream.task_done(task)
+        if self.placement is not None:
+            self.placement.retry()
+
+
+class Colocation(TrainingTally):
     """Everything training adds to a run; ``system`` is the serving side it built for the layout."""
 
     def __init__(self, env, cluster, model, gpu, cfg, policy, layout, batching, sink, itl, seed):
@@ -82,11 +99,8 @@ class Colocation:
         self.policy, self.kind = policy, policy.layout
         self.training_on = cfg["training"]["kind"] != "none"
         self.records = TrainingRecords()
-        self.tasks_done = 0
-        self.tokens_done = 0
         self.trainers: list = []
         self.nodes: list[Node] = []
-        self.placement: TrainingPlacement | None = None   # co-located pipelines only
         self.weight_sync: WeightSync | None = None
         self.finetuners: list[LoraFinetuner] = []
         self.train_groups: list[list[int]] = []    # GPUs of each training replica (isolated)
@@ -318,12 +332,6 @@ class Colocation:
                 trainer.close(now)
 
     # ------------------------------------------------------------------ the training stream
-    def _task_done(self, task) -> None:
-        self.tasks_done += 1
-        self.tokens_done += task.tokens
-        self.stream.task_done(task)
-        if self.placement is not None:
-            self.placement.retry()
 
     def on_request_arrival(self) -> None:
         if self.stream is not None:

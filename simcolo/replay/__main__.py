@@ -17,17 +17,14 @@ from simcolo.paths import CONF_DIR
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="replay")
 def _app(cfg: DictConfig) -> None:
     from simcolo.cli import format_summary
-    from simcolo.replay.run import ReplayFailed, replay
+    from simcolo.replay.run import replay
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         result = replay(cfg, out_dir)
-    except ReplayFailed as exc:
+    except SimcoloError as exc:   # a bad config: 2; a replay that failed while running (ReplayFailed): 3
         print(f"simcolo.replay: error: {exc}", file=sys.stderr)
-        sys.exit(3)
-    except SimcoloError as exc:
-        print(f"simcolo.replay: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
     if not cfg.metrics.quiet:
         print(format_summary(result.summary))
         print(f"replayed on {result.summary['replay_device']}; outputs: {out_dir}")

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from simcolo.colocation.backend import TrainingRecords, memory_gate, training_table_dir
+from simcolo.colocation.backend import TrainingRecords, TrainingTally, memory_gate, training_table_dir
 from simcolo.colocation.nodes import Node, TrainingPlacement
 from simcolo.colocation.predictor import SimPredictor
 from simcolo.costs import cost_model_for
@@ -62,7 +62,7 @@ class _Clock:
         return self._live.now
 
 
-class LiveBackend:
+class LiveBackend(TrainingTally):
     def __init__(self, cfg, policy, sink, device: torch.device):
         self.cfg, self.policy, self.sink, self.device = cfg, policy, sink, device
         self.model = model_spec_from_mapping(cfg["model"], "model")
@@ -81,14 +81,10 @@ class LiveBackend:
         self.learning_curve = LearningCurve.from_cfg(tcfg["learning_curve"])
         self.micro_batch, self.seq_len = int(tcfg["micro_batch"]), int(tcfg["seq_len"])
         self.global_batch = int(tcfg["global_batch"])
-        self.tasks_done = 0
-        self.tokens_done = 0
         self.trainers: list = []
         self.nodes: list[Node] = []
-        self.placement: TrainingPlacement | None = None   # co-located pipelines only
         self.train_groups: list[list[int]] = []
         self.serving_models: dict[int, torch.nn.Module] = {}
-        self.stream: TaskStream | None = None
         layout = ServingLayout.from_cfg(cfg["serving"])
         self.batching = batching_from_cfg(cfg["serving"])
         if layout.mode != "colocated" or layout.tp != 1:
@@ -249,8 +245,8 @@ class LiveBackend:
                 inst = self.system.instances[where]
                 model = self.serving_models[where]
                 worker = ThreadTrainingWorker(TrainingRunner(model), inst.device, self.live, [], spec.vocab_size)
-                trainer = NodeTrainer(where, worker, inst.device, forward_s=self._stage_s[0],
-                                      backward_s=self._stage_s[1], instance=inst, gpu=inst.gpus[0],
+                trainer = NodeTrainer(where, worker, inst.device, inst.gpus[0], forward_s=self._stage_s[0],
+                                      backward_s=self._stage_s[1], instance=inst,
                                       pool=self.cluster.gpus[inst.gpus[0]].memory,
                                       activation_bytes=self._activation_bytes, gate=self._gate, **kw)
                 inst.training_beside = lambda t=trainer: t.busy
@@ -264,9 +260,8 @@ class LiveBackend:
                 else:
                     worker = ThreadTrainingWorker(TrainingRunner(build_model(spec, device=dev, seed=seed)), dev,
                                                   self.live, models, spec.vocab_size)
-                trainer = SyncTrainer(0, worker, dev, serving=list(self.system.instances),
+                trainer = SyncTrainer(0, worker, dev, where, serving=list(self.system.instances),
                                       sync_every=int(self.cfg["policy"]["sync_every"]), **kw)
-                trainer.gpu = where
             trainer.predicted_s = self._task_predicted_s
             self.trainers.append(trainer)
         if self.kind == "pipelines":
@@ -324,12 +319,6 @@ class LiveBackend:
     def _on_dispatch(self, r, inst) -> None:
         self.nodes[inst.index].placed(self.live.now, r.prompt_tokens, False)
 
-    def _task_done(self, task) -> None:
-        self.tasks_done += 1
-        self.tokens_done += task.tokens
-        self.stream.task_done(task)
-        if self.placement is not None:
-            self.placement.retry()
 
     # ------------------------------------------------------------------ results
     ITERATION_COLUMNS = ("instance", "prefill_seqs", "prefill_tokens", "decode_seqs", "kv_tokens", "start_s",

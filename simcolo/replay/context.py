@@ -48,6 +48,20 @@ class LiveContext:
                 self.failure_exc = exc
         self.stop()
 
+    def run_guarded(self, where: str, device, body) -> None:
+        """A replay thread's ``body``: on its own CUDA stream on a GPU; any exception (a CUDA
+        out-of-memory, a kernel error) is recorded as the replay's failure and stops every thread."""
+        import torch
+
+        try:
+            if device.type == "cuda":
+                with torch.cuda.stream(torch.cuda.Stream(device)):
+                    body()
+            else:
+                body()
+        except BaseException as exc:  # noqa: BLE001 - reported, and the replay stops with it
+            self.fail(f"{where} on {device}", exc)
+
     def synchronize(self, device) -> None:
         """Wait for this thread's kernels (its own CUDA stream); a no-op on the CPU."""
         import torch

@@ -49,14 +49,7 @@ class LiveInstance(Instance):
 
     # ------------------------------------------------------------------ the iteration loop
     def _main(self) -> None:
-        try:
-            if self.device.type == "cuda":
-                with torch.cuda.stream(torch.cuda.Stream(self.device)):
-                    self._serve()
-            else:
-                self._serve()
-        except BaseException as exc:  # noqa: BLE001 - reported, and the replay stops with it
-            self.live.fail(f"serving instance {self.index} on {self.device}", exc)
+        self.live.run_guarded(f"serving instance {self.index}", self.device, self._serve)
 
     def _serve(self) -> None:
         live = self.live

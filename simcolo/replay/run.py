@@ -31,6 +31,8 @@ from simcolo.workload import build_workload
 class ReplayFailed(SimcoloError):
     """A live replay stopped on an error; its records up to then are written."""
 
+    exit_code = 3   # python -m simcolo.replay's exit status (a config error exits 2)
+
 
 def replay(cfg, out_dir: str | Path | None = None) -> RunResult:
     """Run the live replay described by ``cfg`` (the composed Hydra config with ``device`` and

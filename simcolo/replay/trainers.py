@@ -54,9 +54,11 @@ class TaskStream:
 class LiveTrainer:
     """Thread, task queue and kernels shared by both trainers."""
 
-    def __init__(self, index: int, worker, device: torch.device, live, global_batch: int, on_task_done, on_step):
-        """``worker`` runs the kernels (``train_process``: in this thread, or in a child process)."""
-        self.index, self.worker, self.device, self.live = index, worker, device, live
+    def __init__(self, index: int, worker, device: torch.device, gpu: int, live, global_batch: int, on_task_done,
+                 on_step):
+        """``worker`` runs the kernels (``train_process``: in this thread, or in a child process) on
+        cluster GPU ``gpu`` (torch ``device``)."""
+        self.index, self.worker, self.device, self.gpu, self.live = index, worker, device, gpu, live
         self.global_batch = global_batch
         self.on_task_done, self.on_step = on_task_done, on_step
         self.queue: deque[TrainTask] = deque()
@@ -87,14 +89,7 @@ class LiveTrainer:
             self.thread.join(timeout)
 
     def _main(self) -> None:
-        try:
-            if self.device.type == "cuda":
-                with torch.cuda.stream(torch.cuda.Stream(self.device)):
-                    self._train()
-            else:
-                self._train()
-        except BaseException as exc:  # noqa: BLE001 - reported, and the replay stops with it
-            self.live.fail(f"trainer {self.index} on {self.device}", exc)
+        self.live.run_guarded(f"trainer {self.index}", self.device, self._train)
 
     def warm_up(self, iterations: int, micro_batch: int, seq_len: int) -> None:
         tasks = [TrainTask(-1 - i, 0.0, micro_batch, seq_len) for i in range(iterations)]
@@ -110,11 +105,11 @@ class NodeTrainer(LiveTrainer):
 
     S = 1
 
-    def __init__(self, *args, forward_s: float, backward_s: float, instance, gpu: int, pool, activation_bytes: float,
+    def __init__(self, *args, forward_s: float, backward_s: float, instance, pool, activation_bytes: float,
                  gate=None, **kw):
         super().__init__(*args, **kw)
         self.f, self.b = forward_s, backward_s
-        self.instance, self.gpu, self.pool, self.activation_bytes = instance, gpu, pool, activation_bytes
+        self.instance, self.pool, self.activation_bytes = instance, pool, activation_bytes
         self.gate = gate
         self._running_since: float | None = None   # the running task's start (for the backlog)
         self.busy = False                          # a kernel (task or optimizer step) is running
