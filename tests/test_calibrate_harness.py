@@ -141,15 +141,17 @@ def test_report_heldout_error_is_small(calibrated):
 # ------------------------------------------------------------------------------------ resuming
 
 def test_a_stopped_calibration_resumes_where_it_stopped(tmp_path):
-    first = _run(tmp_path, "stop_after=5")
+    # rechecks (a point slowed by a burst of load, measured again) would add log lines at random on a
+    # busy machine; they have their own test
+    first = _run(tmp_path, "stop_after=5", "recheck_tolerance=null")
     assert not first.complete and first.measured == 5
     assert not (tmp_path / "metadata.json").exists()
     assert len(_points_in_log(tmp_path)) == 5
-    second = _run(tmp_path)
+    second = _run(tmp_path, "recheck_tolerance=null")
     assert second.complete and second.resumed == 5 and second.measured == SMALL_POINTS - 5
     assert len(_points_in_log(tmp_path)) == SMALL_POINTS
     CostModel.load(tmp_path)
-    third = _run(tmp_path)
+    third = _run(tmp_path, "recheck_tolerance=null")
     assert third.complete and third.measured == 0 and third.resumed == SMALL_POINTS
     assert len(_points_in_log(tmp_path)) == SMALL_POINTS  # nothing re-measured, nothing re-logged
 
