@@ -29,7 +29,7 @@ from simcolo.metrics.timeline import TimelineSampler
 from simcolo.metrics.training_summary import slo_multiples, training_summary
 from simcolo.policies import make_policy
 from simcolo.serving.arrivals import ArrivalFeed
-from simcolo.serving.instance import BatchingConfig
+from simcolo.serving.batch_scheduler import BatchingConfig
 from simcolo.serving.system import ServingLayout, ServingSystem
 from simcolo.specs import gpu_spec_from_mapping, model_spec_from_mapping
 from simcolo.workload import build_workload

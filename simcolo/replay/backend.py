@@ -394,7 +394,7 @@ class LiveNode(Node):
         self._interference = interference
 
     def serving_rate(self) -> float:
-        kind = self.instance._kind
+        kind = self.instance.running_kind
         if kind is None or not self.pipeline.busy:
             return 1.0
         return self._interference.rates([kind, "train_forward"])[0]

@@ -1,8 +1,8 @@
-"""A serving instance that runs real prefill and decode kernels, scheduled by the simulator's own rules.
+"""The live driver of a serving instance: real prefill and decode kernels, scheduled by the shared rules.
 
-``LiveInstance`` *is* the simulated :class:`~simcolo.serving.instance.Instance` (admission, token budget,
-KV blocks with watermark, preemption by recomputation, token accounting, model versions): only the
-clock and the iteration's end differ. Each instance has a thread that plans an iteration under the
+``LiveInstance`` *is* a :class:`~simcolo.serving.batch_scheduler.BatchScheduler` (admission, token budget,
+KV blocks with watermark, preemption by recomputation, token accounting, model versions), the same
+class the simulator's driver is built on: only the clock and the iteration's end differ. Each instance has a thread that plans an iteration under the
 replay's lock, runs its kernels outside it on the real model (``ServingRunner``: continuous batching
 over a KV cache), and completes the iteration at the wall-clock time the kernels finished. So the
 simulator and the replay make the same scheduling decisions for the same state; what differs is only
@@ -13,20 +13,18 @@ each output token is the greedy next token of the real model.
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 import torch
 
-from simcolo.serving.instance import Instance
+from simcolo.serving.batch_scheduler import BatchScheduler
 
 
-class LiveInstance(Instance):
+class LiveInstance(BatchScheduler):
     def __init__(self, env, index, role, gpus, cost, cfg, num_blocks, on_done, itl, on_prefilled=None, *,
                  live, device: torch.device):
-        # one iteration at a time: the simulator's fast advance is a bookkeeping shortcut, not a kernel
-        super().__init__(env, index, role, gpus, cost, dataclasses.replace(cfg, fast_advance=False),
-                         num_blocks, on_done, itl, on_prefilled)
+        # ``env`` (the simulator's) is not used: the clock is ``live.now``
+        super().__init__(index, role, gpus, cost, cfg, num_blocks, on_done, itl, on_prefilled)
         self.live, self.device = live, device
         self.runner = None                   # a ServingRunner, set before start()
         self.vocab_size = 0
@@ -37,13 +35,14 @@ class LiveInstance(Instance):
         #: batch, so the tables' error can be read off the replay itself, free of the machine's drift
         self.iteration_log: list[tuple] = []
         self.training_beside = lambda: False   # a co-located trainer is running a kernel (set by the backend)
+        self.running_kind: str | None = None   # what its kernels run now: "prefill", "decode" or None
         self.thread = threading.Thread(target=self._main, name=f"serving-{index}", daemon=True)
 
     def start(self, runner, vocab_size: int) -> None:
         self.runner, self.vocab_size = runner, vocab_size
         self.thread.start()
 
-    def _notify(self) -> None:
+    def batch_changed(self) -> None:
         """Called under the lock whenever the batch may change (an arrival, blocks given back)."""
         self._cond.notify()
 
@@ -57,15 +56,15 @@ class LiveInstance(Instance):
             with self._cond:
                 plan = None
                 while not live.stopped:
-                    plan = self._plan_iteration()
+                    plan = self.plan_iteration(live.now)
                     if plan is not None:
                         break
-                    self._kind = None
+                    self.running_kind = None
                     self._cond.wait()
                 if live.stopped:
                     return
                 predicted, chunks, decodes = plan
-                self._kind = "prefill" if chunks else "decode"
+                self.running_kind = "prefill" if chunks else "decode"
                 shape = (len(chunks), sum(c for _, c in chunks), len(decodes), self.kv_total if decodes else 0)
                 beside = self.training_beside()
                 start = live.now
@@ -80,7 +79,7 @@ class LiveInstance(Instance):
                 self.iterations += 1
                 self.iteration_log.append((self.index, *shape, start, end, predicted,
                                            beside or self.training_beside()))
-                self._complete_iteration(plan, end)
+                self.complete_iteration(plan, end)
 
     def _run_kernels(self, active: set[int], prompts: list, decode_ids: list[int]) -> None:
         runner = self.runner

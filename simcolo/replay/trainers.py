@@ -137,13 +137,13 @@ class NodeTrainer(LiveTrainer):
                 task = self.queue.popleft()
                 task.start_s = self._running_since = live.now
                 self.busy = True
-                alone, iterations_before = self.instance._kind is None, self.instance.iterations
+                alone, iterations_before = self.instance.running_kind is None, self.instance.iterations
                 self.pool.allocate("train_activations", self.activation_bytes)
             self.worker.step(self.index, [task], False)
             with self._cond:
                 end = live.now
                 self.train_busy_s += end - task.start_s
-                if alone and self.instance._kind is None and self.instance.iterations == iterations_before:
+                if alone and self.instance.running_kind is None and self.instance.iterations == iterations_before:
                     self.solo_s[0] += end - task.start_s
                     self.solo_s[1] += self.predicted_s[0] + self.predicted_s[1]
                 self.pool.release("train_activations", self.activation_bytes)

@@ -9,7 +9,8 @@ from simcolo.errors import ConfigError
 from simcolo.hardware.cluster import Cluster
 from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.policies.base import RoutingPolicy
-from simcolo.serving.instance import BatchingConfig, Instance
+from simcolo.serving.batch_scheduler import BatchingConfig
+from simcolo.serving.instance import Instance
 from simcolo.serving.kv_memory import KVBudget, kv_budget
 from simcolo.specs import GPUSpec, ModelSpec
 from simcolo.workload.request import Request
