@@ -65,7 +65,7 @@ def test_isolated_serves_only_synced_versions_and_co_location_serves_fresher_one
 def test_isolated_steps_match_the_pipeline_closed_form_when_nothing_co_runs():
     r = run_sim("policy=isolated", *SLICE, "training.schedule=gpipe", "training.global_batch=4",
                 "training.data.backlog=32")
-    colo = r.colocation
+    colo = r.backend
     pred = colo.policy.predictor
     S, M = 2, 4
     f, b = pred.task_forward_s(S), pred.task_backward_s(S)
@@ -85,7 +85,7 @@ def test_harli_never_predicts_a_decode_latency_above_the_slo_for_the_split_it_pi
     slo = 0.0078   # tight: the solo decode itself misses it at times, so some plans are infeasible
     r = run_sim("policy=harli", *SLICE, "workload.rate_scale=8", f"slo.tpot_s={slo}",
                 "policy.max_micro_batch=2")
-    plans = [p for ft in r.colocation.finetuners for p in ft.plans]
+    plans = [p for ft in r.backend.finetuners for p in ft.plans]
     running = [p for p in plans if p[4] > 0 and p[1] > 0]     # finetune runs beside a decode batch
     stopped = [p for p in plans if p[4] == 0]
     assert running and stopped

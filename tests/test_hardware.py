@@ -2,7 +2,7 @@
 import pytest
 
 from simcolo.errors import ConfigError
-from simcolo.hardware.cluster import Cluster
+from simcolo.hardware.cluster import Cluster, Topology
 from simcolo.hardware.compute import SharedCompute
 from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.hardware.interference import NoInterference, UniformSlowdown
@@ -51,8 +51,9 @@ def test_processor_sharing_recomputes_finish_times_when_the_set_changes():
 
 def test_cluster_links_and_instance_groups():
     env = SimEnvironment()
-    cluster = Cluster(env, load_gpu_spec("h100-sxm"), num_nodes=2, gpus_per_node=4,
-                      network_bandwidth_bytes_per_s=50e9, network_latency_s=5e-6, nvlink_latency_s=2e-6)
+    cluster = Cluster(env, Topology(load_gpu_spec("h100-sxm"), num_nodes=2, gpus_per_node=4,
+                                    network_bandwidth_bytes_per_s=50e9, network_latency_s=5e-6,
+                                    nvlink_latency_s=2e-6))
     assert cluster.link(0, 3) is cluster.nvlink and cluster.link(3, 4) is cluster.network
     assert cluster.network.transfer_s(50e9) == pytest.approx(1 + 5e-6)
     assert cluster.allocate_groups(4, 2) == [[0, 1], [2, 3], [4, 5], [6, 7]]

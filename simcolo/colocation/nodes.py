@@ -1,4 +1,5 @@
-"""A co-located node as a policy sees it: the serving instance and the training pipeline on its GPUs."""
+"""Co-located nodes, for both backends: a node as a policy sees it (the serving instance and the training
+pipeline on its GPUs), how training tasks are offered to the policy and deferred, and LeMix's memory gate."""
 from __future__ import annotations
 
 import math
@@ -23,8 +24,33 @@ class RunningStats:
         return math.sqrt(self._m2 / (self.n - 1)) if self.n > 1 else 0.0
 
 
+class NoPipeline:
+    """The training side of a node that trains nothing (``training=none``): no backlog."""
+
+    def __init__(self, num_stages: int):
+        self.S = num_stages
+
+    def stage_backlog_s(self, stage: int) -> float:
+        return 0.0
+
+
+def memory_gate(system, cluster, threshold: float, now):
+    """LeMix's gate: a stage starts a forward only if the GPU's memory in use (weights, training
+    state, serving activations, KV blocks *in use*, training activations held) plus the new
+    activations stays under ``threshold`` of capacity. ``now()`` is the backend's clock."""
+    inst_of = {g: inst for inst in system.instances for g in inst.gpus}
+    block_bytes = system.kv_budget.block_bytes
+
+    def gate(g: int, nbytes: float) -> bool:
+        pool = cluster.gpus[g].memory
+        inst = inst_of[g]
+        kv_unused = (inst.num_blocks - inst.kv_blocks_used(now())) * block_bytes
+        return pool.used - kv_unused + nbytes <= threshold * pool.capacity
+    return gate
+
+
 class Node:
-    """Implements ``policies.base.NodeView`` over a simulated instance and pipeline."""
+    """Implements ``policies.base.NodeView`` over a serving instance and a pipeline (either backend's)."""
 
     def __init__(self, index: int, instance, pipeline, prefill_s_per_token: float):
         self.index = index
@@ -87,6 +113,9 @@ class TrainingPlacement:
     def __init__(self, policy, nodes: list, clock):
         self.policy, self.nodes, self.clock = policy, nodes, clock
         self.deferred: list = []
+
+    def counters(self) -> dict:
+        return {"train_deferred_tasks": len(self.deferred)}
 
     def place(self, task) -> None:
         i = self._choose(task)

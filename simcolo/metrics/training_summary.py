@@ -18,19 +18,9 @@ Definitions:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
-
-
-def gpu_busy_s(system, colo) -> list[float]:
-    """Busy seconds per GPU: the shared compute's clock where co-location attached it, else the
-    instance's own busy time (serving-only GPUs never go through the shared compute)."""
-    busy = [g.compute.busy_s for g in system.cluster.gpus]
-    for inst in system.instances:
-        if not inst.attached:
-            for g in inst.gpus:
-                busy[g] = max(busy[g], inst.busy_s)
-    return busy
 
 
 def unloaded_latency_s(cost, prompt: np.ndarray, output: np.ndarray) -> np.ndarray:
@@ -58,53 +48,48 @@ def slo_multiples(sink, cost, multiples=(1, 5, 10)) -> dict[str, float]:
     return {f"slo_attainment_{k}x": float(np.count_nonzero(ratio <= k * (1 + 1e-9))) / n for k in multiples}
 
 
-def training_summary(colo, system, sink, duration_s: float, num_finished: int) -> dict:
-    if colo is None or not colo.training_on:
-        busy = gpu_busy_s(system, None)
-        return {"training_kind": "none", "layout": colo.kind if colo is not None else "serving",
-                "gpu_utilization_mean": float(np.mean(busy)) / duration_s if busy else 0.0}
+@dataclass
+class TrainerReport:
+    """What one trainer (a simulated or live pipeline, isolated trainer or finetuner) did in a run."""
+    sequences_done: int = 0          # training sequences finished
+    tokens_done: int = 0
+    work_s: float = 0.0              # training kernel time summed over its stages (for the bubble rate)
+    span_s: float = 0.0              # stages x time it had work in flight (0: not a pipeline)
+    counters: dict = field(default_factory=dict)   # its own summary keys (summed over trainers)
+
+
+def training_summary(backend, sink, duration_s: float, num_finished: int) -> dict:
+    """Training keys of a run, the same for both backends. ``backend`` gives ``layout`` (its plan's kind),
+    ``training`` (the typed config or None), ``trainers`` (each with ``report()``), ``records`` (one row
+    per optimizer step), ``tasks_done``, ``stream``, ``learning_curve``, ``gpu_busy_s()`` (per GPU),
+    ``train_busy_s()`` (per GPU), ``node_groups()`` (GPU groups that serve or train) and
+    ``training_parts`` (the layout's shared parts -- placement, weight sync, finetune pool -- each with
+    ``counters()``, its own summary keys)."""
+    busy = backend.gpu_busy_s()
     d = duration_s
-    out: dict = {"training_kind": str(colo.cfg["training"]["kind"]), "layout": colo.kind}
-    sequences = colo.tasks_done * colo.micro_batch
-    if colo.kind == "finetune":
-        sequences = sum(ft.sequences_done for ft in colo.finetuners)
-        tokens = sum(ft.tokens_done for ft in colo.finetuners)
-    else:
-        tokens = colo.tokens_done
-    out.update({"train_tasks_done": colo.tasks_done, "train_tokens_per_s": tokens / d,
-                "train_samples_per_s": sequences / d, "optimizer_steps": len(colo.records.rows),
-                "train_tasks_created": colo.stream.created})
+    if backend.training is None:
+        return {"training_kind": "none", "layout": backend.layout,
+                "gpu_utilization_mean": float(np.mean(busy)) / d if busy and d > 0 else 0.0}
+    reports = [t.report() for t in backend.trainers]
+    out: dict = {"training_kind": backend.training.kind, "layout": backend.layout,
+                 "train_tasks_done": backend.tasks_done,
+                 "train_tokens_per_s": sum(r.tokens_done for r in reports) / d if d > 0 else math.nan,
+                 "train_samples_per_s": sum(r.sequences_done for r in reports) / d if d > 0 else math.nan,
+                 "optimizer_steps": len(backend.records.rows), "train_tasks_created": backend.stream.created}
     finished = sink.status_is("finished")
     versions = sink.column("model_version")[finished]
-    out["inference_loss_mean"] = float(colo.learning_curve.loss(versions).mean()) if versions.size else math.nan
+    out["inference_loss_mean"] = float(backend.learning_curve.loss(versions).mean()) if versions.size else math.nan
     out["model_version_mean"] = float(versions.mean()) if versions.size else math.nan
-    # pipeline bubbles
-    if colo.kind == "isolated":
-        t = colo.trainer
-        out["bubble_rate"] = 1.0 - t.stage_busy_s / t.stage_span_s if t.stage_span_s > 0 else math.nan
-    elif colo.kind == "pipelines":
-        work = sum(sum(p.train_busy_s) for p in colo.trainers)
-        span = sum(p.S * p.active_s for p in colo.trainers)
-        out["bubble_rate"] = 1.0 - work / span if span > 0 else math.nan
-    else:
-        out["bubble_rate"] = math.nan
-    # GPU use and LeMix's throughput
-    busy = gpu_busy_s(system, colo)
-    out["gpu_utilization_mean"] = float(np.mean(busy)) / d
-    out["gpu_utilization_max"] = float(np.max(busy)) / d
-    groups = [inst.gpus for inst in system.instances] + colo.train_groups
-    active = sum(max(busy[g] for g in grp) for grp in groups)
-    out["lemix_throughput_tasks_per_s"] = (num_finished + colo.tasks_done) / active if active > 0 else math.nan
-    out["train_busy_frac_mean"] = float(np.mean([g.compute.train_busy_s for g in system.cluster.gpus])) / d
-    if colo.kind == "pipelines":
-        out["train_deferred_tasks"] = len(colo.deferred)
-        out["train_queued_tasks"] = sum(p.queued for p in colo.trainers)
-    if colo.kind == "isolated":
-        out["weight_syncs"] = colo.weight_sync.syncs
-        out["train_queued_tasks"] = len(colo.trainer.queue)
-    if colo.kind == "finetune":
-        out["finetune_aborted_microbatches"] = sum(ft.aborted_microbatches for ft in colo.finetuners)
-        out["finetune_microbatches"] = sum(ft.micro_batches for ft in colo.finetuners)
-        out["train_queued_sequences"] = colo.pool.available
-        out["decode_waits_on_finetune_blocks"] = sum(i.waits_on_lent_blocks for i in system.decoders)
+    span = sum(r.span_s for r in reports)
+    out["bubble_rate"] = 1.0 - sum(r.work_s for r in reports) / span if span > 0 else math.nan
+    out["gpu_utilization_mean"] = float(np.mean(busy)) / d if d > 0 else math.nan
+    out["gpu_utilization_max"] = float(np.max(busy)) / d if d > 0 else math.nan
+    active = sum(max(busy[g] for g in grp) for grp in backend.node_groups())
+    out["lemix_throughput_tasks_per_s"] = (num_finished + backend.tasks_done) / active if active > 0 else math.nan
+    out["train_busy_frac_mean"] = float(np.mean(backend.train_busy_s())) / d if d > 0 else math.nan
+    counters: dict = {}
+    for c in [r.counters for r in reports] + [part.counters() for part in backend.training_parts]:
+        for k, v in c.items():
+            counters[k] = counters.get(k, 0) + v
+    out.update(counters)
     return out

@@ -7,6 +7,7 @@ or a live backend runs it: views and predictors are plain protocols that either 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from simcolo.workload.request import Request
@@ -45,6 +46,15 @@ class NodeView(InstanceView, Protocol):
 
     def length_stats(self, training: bool) -> tuple[int, float, float]:
         """(count, mean, std) of the lengths of the tasks of that type placed here."""
+
+
+@dataclass(frozen=True)
+class FinetuneState:
+    """What a finetune policy sees of one decode instance (read-only, backend-neutral)."""
+    decode_batch: int
+    decode_kv_tokens: int
+    lendable_blocks: int      # KV blocks it could borrow now (beyond what it holds)
+    held_blocks: int
 
 
 class CostPredictor(Protocol):

@@ -39,6 +39,8 @@ class _FinetuneBase(FinetunePolicy):
         super().__init__(cfg, rng)
         self.max_micro_batch = int(cfg["max_micro_batch"])
         self.lookahead = int(cfg["lookahead_iterations"])
+        self.prefill_instances = int(cfg["prefill_instances"])
+        self.decode_instances = int(cfg["decode_instances"])
 
     def route(self, request, instances, now):
         return least_outstanding(instances, now)

@@ -13,5 +13,10 @@ class Isolated(RoutingPolicy):
     name = "isolated"
     layout = "isolated"
 
+    def __init__(self, cfg, rng=None):
+        super().__init__(cfg, rng)
+        self.serving_gpus = int(cfg["serving_gpus"])   # GPUs 0 .. serving_gpus-1 serve, the rest train
+        self.sync_every = int(cfg["sync_every"])       # optimizer steps between weight syncs
+
     def route(self, request, instances, now):
         return least_outstanding(instances, now)

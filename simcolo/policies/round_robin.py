@@ -8,7 +8,8 @@ from simcolo.workload.request import Request
 
 
 class Cycle:
-    """A counter per group of choices: 0, 1, ..., n-1, 0, ..."""
+    """A counter per group of choices: 0, 1, ..., n-1, 0, ... A group is named by a hashable key the
+    caller chooses (e.g. the instances' roles), never by an object's identity."""
 
     def __init__(self):
         self._next: dict[object, int] = {}
@@ -27,4 +28,5 @@ class RoundRobin(RoutingPolicy):
         self._cycle = Cycle()
 
     def route(self, request: Request, instances: Sequence[InstanceView], now: float) -> int:
-        return self._cycle.next(id(instances), len(instances))
+        # one turn per instance group: entry instances and (disaggregated) decode instances
+        return self._cycle.next(instances[0].role if instances else None, len(instances))

@@ -50,43 +50,33 @@ class ServingLayout:
 
 
 class ServingSystem:
-    def __init__(self, env: SimEnvironment, cluster: Cluster, model: ModelSpec, cost, layout: ServingLayout,
-                 batching: BatchingConfig, policy: RoutingPolicy, on_done, itl, first_gpu: int = 0,
-                 reserved_bytes: float = 0.0, reserved_for: str = "", instance_class: type = Instance):
-        """``first_gpu``: instances take GPUs from there on (isolated layouts train on the others);
-        ``reserved_bytes``: per GPU, kept out of the KV cache for co-located training;
-        ``instance_class``: what runs an instance (the live replay's runs real kernels)."""
+    def __init__(self, env: SimEnvironment, cluster: Cluster, model: ModelSpec, cost, plan, batching: BatchingConfig,
+                 policy: RoutingPolicy, on_done, itl, make_instance=None, send_kv=None):
+        """The instances of a layout plan (``layout.plan.LayoutPlan``: their roles, GPUs and KV budget; the
+        backend has made the plan's memory allocations). ``make_instance`` builds one instance from
+        (index, role, gpus, cost, batching, num_blocks, on_done, itl, on_prefilled): the simulator's
+        ``Instance`` by default, the live replay's ``LiveInstance``. ``send_kv(r, src, dst, link_s, arrived)``
+        moves a prefilled request's KV cache to a decode instance and calls ``arrived()`` when it is there:
+        by default after ``link_s`` simulated seconds (the link's latency + bytes / bandwidth)."""
         self.env, self.cluster, self.model, self.policy = env, cluster, model, policy
         self._on_done = on_done
         self.arrived = 0
         self.done = 0
         self.in_transfer: dict[int, Request] = {}
-        self.kv_budget = budget = layout.kv_budget(model, cluster.spec, batching, reserved_bytes, reserved_for)
-        tp = layout.tp
-        if layout.mode == "colocated":
-            count = layout.num_instances or (len(cluster.gpus) - first_gpu) // tp
-            if count < 1:
-                raise ConfigError(f"serving.tp={tp} needs more GPUs than the cluster's {len(cluster.gpus)}")
-            roles = ["both"] * count
-        else:
-            if layout.prefill_instances < 1 or layout.decode_instances < 1:
-                raise ConfigError("serving.prefill_instances and serving.decode_instances must be >= 1 "
-                                  "with serving.mode=disaggregated")
-            roles = ["prefill"] * layout.prefill_instances + ["decode"] * layout.decode_instances
-        groups = cluster.allocate_groups(len(roles), tp, first_gpu)
-        self.instances: list[Instance] = []
-        for i, (role, gpus) in enumerate(zip(roles, groups)):
-            for g in gpus:
-                mem = cluster.gpus[g].memory
-                mem.allocate("weights", budget.weights_bytes)
-                mem.allocate("activations", budget.activations_bytes)
-                mem.allocate("kv_cache", budget.num_blocks * budget.block_bytes)
-            self.instances.append(instance_class(env, i, role, gpus, cost, batching, budget.num_blocks,
-                                                 self._finished, itl, self._prefilled))
+        self.kv_budget = budget = plan.kv
+        if make_instance is None:
+            def make_instance(*args):
+                return Instance(env, *args)
+        self.instances: list = [make_instance(p.index, p.role, list(p.gpus), cost, batching, budget.num_blocks,
+                                              self._finished, itl, self._prefilled) for p in plan.instances]
         self.entry = [x for x in self.instances if x.role != "decode"]
         self.decoders = [x for x in self.instances if x.role == "decode"]
         self.entry_views: list = self.entry     # what the policy sees of them (co-located nodes wrap them)
         self.on_dispatch = None                 # called with (request, instance) after routing
+        self.send_kv = send_kv or self._send_kv_after
+
+    def _send_kv_after(self, r: Request, src, dst, link_s: float, arrived) -> None:
+        At(self.env, self.env.now + link_s).callbacks.append(lambda _ev: arrived())
 
     # -------------------------------------------------------------- request flow
     def dispatch(self, r: Request) -> None:
@@ -104,8 +94,7 @@ class ServingSystem:
         nbytes = r.kv_len * self.model.kv_bytes_per_token / len(src.gpus)  # tp shards move in parallel
         delay = self.cluster.link(src.gpus[0], dst.gpus[0]).transfer_s(nbytes)
         self.in_transfer[r.id] = r
-        done = At(self.env, self.env.now + delay)
-        done.callbacks.append(lambda _ev: self._arrive_at_decoder(r, src, dst))
+        self.send_kv(r, src, dst, delay, lambda: self._arrive_at_decoder(r, src, dst))
 
     def _arrive_at_decoder(self, r: Request, src: Instance, dst: Instance) -> None:
         del self.in_transfer[r.id]

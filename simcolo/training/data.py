@@ -19,12 +19,15 @@ training stream never changes the request stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from simcolo.errors import ConfigError
 from simcolo.hardware.environment import At, SimEnvironment
+
+if TYPE_CHECKING:
+    from simcolo.config.training import Training
 
 KINDS = ("backlog", "poisson", "requests", "jobs")
 
@@ -85,6 +88,13 @@ class TrainingStream:
                 raise ConfigError("training.data: job_rate_per_s must be > 0 and job_tasks >= 1")
             self._jobs = 0
             At(env, env.now).callbacks.append(self._job)
+
+    @classmethod
+    def from_config(cls, env: SimEnvironment, training: "Training", seed: int,
+                    on_task: Callable[[TrainTask], None]) -> "TrainingStream":
+        """The stream of a typed training config (``simcolo.config.FullTraining`` or ``LoraFinetune``): its
+        ``data``, tasks of ``micro_batch`` sequences of ``seq_len`` tokens."""
+        return cls(env, training.data.as_mapping(), training.micro_batch, training.seq_len, seed, on_task)
 
     def _new(self, job: int = -1) -> None:
         task = TrainTask(self.created, self.env.now, self.micro_batch, self.seq_len, job)

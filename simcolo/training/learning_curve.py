@@ -9,12 +9,16 @@ linearly in steps and held at its last value beyond; where the table holds sever
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from simcolo.errors import ConfigError, TableError
 from simcolo.paths import resolve_path
+
+if TYPE_CHECKING:
+    from simcolo.config.training import LearningCurveConfig
 
 
 class LearningCurve:
@@ -36,6 +40,15 @@ class LearningCurve:
         if kind == "table":
             return cls.from_table(resolve_path(cfg["path"]))
         raise ConfigError(f"training.learning_curve.kind '{kind}' is unknown; expected power or table")
+
+    @classmethod
+    def from_config(cls, config: "LearningCurveConfig") -> "LearningCurve":
+        """From the typed ``training.learning_curve`` (``simcolo.config.LearningCurveConfig``, validated when
+        the config was read): the same curve as :meth:`from_cfg` on its mapping."""
+        if config.kind == "table":
+            return cls.from_table(resolve_path(config.path))
+        return cls(initial=config.initial_loss, final=config.final_loss, steps_scale=config.steps_scale,
+                   exponent=config.exponent)
 
     @classmethod
     def from_table(cls, directory: Path) -> "LearningCurve":

@@ -16,19 +16,11 @@ requests instead). The SM share is re-planned at every decode iteration start (`
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from simcolo.hardware.environment import At
+from simcolo.metrics.training_summary import TrainerReport
+from simcolo.policies.base import FinetuneState
 from simcolo.training.data import TrainTask
-
-
-@dataclass
-class FinetuneState:
-    """What a finetune policy sees of one decode instance (read-only, backend-neutral)."""
-    decode_batch: int
-    decode_kv_tokens: int
-    lendable_blocks: int      # KV blocks it could borrow now (beyond what it holds)
-    held_blocks: int
 
 
 class SequencePool:
@@ -44,6 +36,9 @@ class SequencePool:
         self.available += task.micro_batch
         for w in list(self.waiters):
             w.wake()
+
+    def counters(self) -> dict:
+        return {"train_queued_sequences": self.available}
 
     def take(self, n: int) -> list[list]:
         """Hand out up to ``n`` sequences; returns [(item, count)]."""
@@ -103,6 +98,11 @@ class LoraFinetuner:
         if not static_memory:
             instance.lender = self
         pool.waiters.append(self)
+
+    def report(self) -> TrainerReport:
+        return TrainerReport(self.sequences_done, self.tokens_done, counters={
+            "finetune_aborted_microbatches": self.aborted_microbatches, "finetune_microbatches": self.micro_batches,
+            "decode_waits_on_finetune_blocks": self.inst.waits_on_lent_blocks})
 
     # ------------------------------------------------------------------ state for the policy
     def state(self) -> FinetuneState:

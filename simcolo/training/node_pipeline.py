@@ -24,6 +24,7 @@ from typing import Callable
 
 from simcolo.errors import ConfigError
 from simcolo.hardware.environment import At, SimEnvironment
+from simcolo.metrics.training_summary import TrainerReport
 from simcolo.training.data import TrainTask
 
 RELEASES = ("async", "sync")
@@ -63,6 +64,8 @@ class NodePipeline:
         self._polling = [False] * self.S
         self.active_s = 0.0          # time with at least one task in the pipeline
         self._active_since = None
+        self.sequences_done = 0
+        self.tokens_done = 0
 
     # ------------------------------------------------------------------ intake
     def place(self, task: TrainTask) -> None:
@@ -171,6 +174,8 @@ class NodePipeline:
         self.inflight -= 1
         if self.inflight == 0:
             self.active_s += self.env.now - self._active_since
+        self.sequences_done += task.micro_batch
+        self.tokens_done += task.tokens
         self.on_task_done(task)
         self._release()
 
@@ -191,6 +196,10 @@ class NodePipeline:
         if self.inflight:
             self.active_s += now - self._active_since
             self._active_since = now
+
+    def report(self) -> TrainerReport:
+        return TrainerReport(self.sequences_done, self.tokens_done, sum(self.train_busy_s), self.S * self.active_s,
+                             {"train_queued_tasks": self.queued})
 
     @property
     def queued(self) -> int:

@@ -14,6 +14,7 @@ from collections import deque
 from typing import Callable
 
 from simcolo.hardware.environment import At, SimEnvironment
+from simcolo.metrics.training_summary import TrainerReport
 from simcolo.training.data import TrainTask
 from simcolo.training.pipeline import StageSpec, run_step
 from simcolo.training.schedules import SCHEDULES
@@ -36,6 +37,8 @@ class SyncTrainer:
         self.version = 0
         self.stage_busy_s = 0.0      # forward + backward time summed over stages (for the bubble rate)
         self.stage_span_s = 0.0      # stages x forward/backward span of each step
+        self.sequences_done = 0
+        self.tokens_done = 0
         self._running = False
 
     @property
@@ -67,9 +70,15 @@ class SyncTrainer:
             self.version += 1
             for t in tasks:
                 t.finish_s = env.now
+                self.sequences_done += t.micro_batch
+                self.tokens_done += t.tokens
                 self.on_task_done(t)
             self.on_step(self.version, start, env.now, len(tasks), sum(t.tokens for t in tasks))
         self._running = False
+
+    def report(self) -> TrainerReport:
+        return TrainerReport(self.sequences_done, self.tokens_done, self.stage_busy_s, self.stage_span_s,
+                             {"train_queued_tasks": len(self.queue)})
 
 
 class WeightSync:
@@ -81,6 +90,9 @@ class WeightSync:
         self.latest = 0
         self.syncing = False
         self.syncs = 0
+
+    def counters(self) -> dict:
+        return {"weight_syncs": self.syncs}
 
     def on_version(self, version: int) -> None:
         self.latest = version

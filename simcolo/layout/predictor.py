@@ -1,23 +1,36 @@
-"""Cost predictions for policies, from the simulator's tables (the live backend provides the same
-methods from its own calibration)."""
+"""Cost predictions for policies, from the run's tables (``policies.base.CostPredictor``).
+
+Both backends bind the same predictor to the policy: a live replay's policy predicts from the tables the
+simulation ran on (what the policy would do in production), while the replay measures what really happens.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
-class SimPredictor:
-    def __init__(self, cost, training_costs, interference, cfg_training, ttft_slo_s: float,
-                 tpot_slo_s: float, block_bytes: float = 0.0):
+@dataclass(frozen=True)
+class TrainingShape:
+    """What one training task is, as far as its costs go."""
+    micro_batch: int
+    seq_len: int
+    rank: int                 # LoRA rank (finetuning)
+    checkpointing: bool       # activation checkpointing: a backward recomputes its forward
+
+
+class TablePredictor:
+    def __init__(self, cost, training_costs, interference, shape: TrainingShape, ttft_slo_s: float,
+                 tpot_slo_s: float, block_bytes: float = 0.0, lora_activation_bytes: float | None = None):
         self.cost, self.tc, self.interference = cost, training_costs, interference
         self.ttft_slo_s, self.tpot_slo_s = ttft_slo_s, tpot_slo_s
         self.block_bytes = block_bytes
-        self.micro_batch = int(cfg_training["micro_batch"])
-        self.seq_len = int(cfg_training["seq_len"])
-        self.rank = int(cfg_training["rank"])
-        self.checkpointing = bool(cfg_training["activation_checkpointing"])
+        self.micro_batch = shape.micro_batch
+        self.seq_len = shape.seq_len
+        self.rank = shape.rank
+        self.checkpointing = shape.checkpointing
         self._stage_cache: dict[tuple[int, str], list[float]] = {}
         self._lora_cache: dict[tuple[int, int], float] = {}
-        self._lora_act_per_seq = None
+        self._lora_act_per_seq = lora_activation_bytes   # one sequence of seq_len tokens
         self._sd: dict[float | None, tuple[float, float]] = {}
 
     # ---------------------------------------------------------------- pipelines (full training)
@@ -71,9 +84,6 @@ class SimPredictor:
 
     def lora_optimizer_s(self) -> float:
         return self.tc.lora_s(self.rank, "optimizer", 1, self.seq_len)
-
-    def set_lora_activation(self, bytes_per_sequence: float) -> None:
-        self._lora_act_per_seq = bytes_per_sequence
 
     def lora_blocks(self, micro_batch: int, seq_len: int) -> int:
         if micro_batch <= 0:

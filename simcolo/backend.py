@@ -1,0 +1,101 @@
+"""The one interface both backends implement, and what they share.
+
+A backend *builds* a layout plan (``simcolo.layout.plan``) on its clock: the simulated backend
+(``simcolo.colocation.simulated.SimBackend``) on SimPy's, the live one (``simcolo.replay.backend.LiveBackend``)
+on the wall's. Everything a run reports is read through this interface by one summary
+(``simcolo.metrics.training_summary``) and one output writer (``simcolo.metrics.outputs``), so the two
+backends' files mean the same.
+
+What both do the same way lives here: binding the policy to the plan's predictor, the training records
+(one row per optimizer step), what happens when a training task finishes (count it, let the data stream
+replace it, offer deferred tasks again), the request-stream hooks, and the per-GPU views the summary reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from simcolo.training.learning_curve import LearningCurve
+
+
+@dataclass
+class TrainingRecords:
+    """One row per optimizer step: when, which trainer, the version it made, what it trained.
+
+    ``start_s`` is when the step's work began for isolated steps and finetune steps; a co-located
+    node's steps overlap (tasks stream through its pipeline), so there it is NaN."""
+    rows: list[tuple] = field(default_factory=list)
+    COLUMNS = ("trainer", "version", "start_s", "end_s", "tasks", "tokens")
+
+    def add(self, trainer: int, version: int, start_s: float, end_s: float, tasks: int, tokens: int) -> None:
+        self.rows.append((trainer, version, start_s, end_s, tasks, tokens))
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows, columns=list(self.COLUMNS))
+        return df.astype({"trainer": "int64", "version": "int64", "start_s": "float64", "end_s": "float64",
+                          "tasks": "int64", "tokens": "int64"})
+
+
+class Backend:
+    """Built from a plan by a subclass, which sets ``cluster``, ``system`` (the ``ServingSystem``),
+    ``trainers`` (each with ``report()``), ``stream`` (the training data stream) and ``training_parts``."""
+
+    def __init__(self, run, policy, plan):
+        self.run, self.policy, self.plan = run, policy, plan
+        self.model = run.model
+        self.training = plan.training if plan.training_on else None
+        self.layout = plan.kind
+        self.cost, self.interference = plan.cost, plan.interference
+        self.records = TrainingRecords()
+        self.trainers: list = []
+        self.training_parts: list = []      # layout parts with counters(): placement, weight sync, finetune pool
+        self.nodes: list = []               # co-located nodes as the policy sees them (pipelines layouts)
+        self.placement = None               # colocation.nodes.TrainingPlacement (pipelines layouts)
+        self.stream = None
+        self.tasks_done = 0
+        self.tokens_done = 0
+        self.learning_curve = LearningCurve.from_config(plan.training.learning_curve) if self.training else None
+        policy.bind(plan.predictor)
+
+    @property
+    def training_on(self) -> bool:
+        return self.training is not None
+
+    # ------------------------------------------------------------------ training tasks
+    def _task_done(self, task) -> None:
+        """A training task finished: count it, let the data stream replace or retire it, and offer the
+        tasks the policy deferred again."""
+        self.tasks_done += 1
+        self.tokens_done += task.tokens
+        self.stream.task_done(task)
+        if self.placement is not None:
+            self.placement.retry()
+
+    @property
+    def deferred(self) -> list:
+        """Training tasks the policy has deferred and not yet placed."""
+        return self.placement.deferred if self.placement is not None else []
+
+    # ------------------------------------------------------------------ the request stream
+    def on_request_arrival(self) -> None:
+        if self.stream is not None:
+            self.stream.on_request_arrival()
+
+    def on_request_finished(self, r) -> None:
+        if r.status == "finished" and self.stream is not None:
+            self.stream.on_request_finished(r.prompt_tokens + r.output_tokens)
+
+    def _on_dispatch(self, r, inst) -> None:
+        self.nodes[inst.index].placed(self.now, r.prompt_tokens, False)
+
+    # ------------------------------------------------------------------ what the summary reads
+    def node_groups(self) -> list:
+        """GPU groups that serve (one per instance) or only train (isolated's replicas)."""
+        return [inst.gpus for inst in self.system.instances] + [list(g) for g in self.plan.train_groups]
+
+    def training_frame(self) -> pd.DataFrame | None:
+        return self.records.frame() if self.training_on else None
+
+    def close(self, now: float) -> None:
+        """End of the run (trainers count the time they are still busy)."""

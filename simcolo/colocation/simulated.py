@@ -1,0 +1,130 @@
+"""The simulated backend: builds a layout plan on the SimPy clock, with the cost tables' times.
+
+Serving instances are the simulator's ``serving.instance.Instance``; training is ``SyncTrainer``
+(isolated), ``NodePipeline`` (co-located pipelines) or ``LoraFinetuner`` (decode GPUs). Training and
+serving on one GPU co-run through the GPU's processor-sharing compute with the interference table's
+slowdowns. What the plan decided (GPUs, memory, costs, checks) is not decided again here.
+"""
+from __future__ import annotations
+
+from simcolo.backend import Backend
+from simcolo.colocation.nodes import Node, NoPipeline, TrainingPlacement, memory_gate
+from simcolo.hardware.cluster import Cluster, Topology
+from simcolo.hardware.interference import TableInterference
+from simcolo.layout.plan import FinetunePlan, IsolatedTrainingPlan, NodeTrainingPlan
+from simcolo.serving.system import ServingSystem
+from simcolo.training.data import TrainingStream
+from simcolo.training.lora_finetuner import LoraFinetuner, SequencePool
+from simcolo.training.node_pipeline import NodePipeline
+from simcolo.training.sync_trainer import SyncTrainer, WeightSync
+
+
+class SimBackend(Backend):
+    def __init__(self, env, run, policy, plan, on_done, itl, seed: int):
+        super().__init__(run, policy, plan)
+        self.env = env
+        self.cluster = cluster = Cluster(env, Topology.from_config(run.gpu, run.cluster))
+        cluster.apply(plan.allocations)
+        if plan.kind != "serving":
+            for g in cluster.gpus:
+                g.compute.interference = TableInterference(plan.interference)
+        self.system = ServingSystem(env, cluster, run.model, plan.cost, plan, run.serving.batching, policy, on_done,
+                                    itl)
+        trainer = plan.trainer
+        if plan.kind == "pipelines":
+            self._pipelines(trainer)
+        elif isinstance(trainer, IsolatedTrainingPlan):
+            self._isolated(trainer)
+        elif isinstance(trainer, FinetunePlan):
+            self._finetune(trainer)
+        if self.training_on:
+            self.stream = TrainingStream.from_config(env, self.training, seed, self._place)
+
+    @property
+    def now(self) -> float:
+        return self.env.now
+
+    # ------------------------------------------------------------------ isolated
+    def _isolated(self, p: IsolatedTrainingPlan) -> None:
+        gpus = self.cluster.gpus
+        self.trainer = SyncTrainer(self.env, [[gpus[g] for g in grp] for grp in p.groups], list(p.forward_s),
+                                   list(p.backward_s), list(p.optimizer_s), list(p.activation_bytes), p.link_s,
+                                   p.allreduce_s, p.global_batch, p.schedule, self._task_done, self._sync_step)
+        self.trainers = [self.trainer]
+        self.weight_sync = WeightSync(self.env, self.system.instances, p.sync_every, p.sync_s)
+        self.training_parts = [self.weight_sync]
+        self._place = self.trainer.place
+
+    def _sync_step(self, version, start, end, tasks, tokens):
+        self.records.add(0, version, start, end, tasks, tokens)
+        self.weight_sync.on_version(version)
+
+    # ------------------------------------------------------------------ co-located pipelines
+    def _pipelines(self, p: NodeTrainingPlan | None) -> None:
+        system, gpus = self.system, self.cluster.gpus
+        system.entry_views = self.nodes
+        system.on_dispatch = self._on_dispatch
+        per_token = self.plan.prefill_s_per_token
+        if p is None:   # serving alone, on the same layout, routed by the same policy
+            S = len(system.instances[0].gpus)
+            self.nodes += [Node(i, inst, NoPipeline(S), per_token) for i, inst in enumerate(system.instances)]
+            return
+        for inst in system.instances:
+            inst.attach([gpus[g].compute for g in inst.gpus])
+        gate = None
+        if p.memory_threshold is not None:
+            gate = memory_gate(system, self.cluster, p.memory_threshold, lambda: self.env.now)
+        for i, inst in enumerate(system.instances):
+            pipe = NodePipeline(self.env, i, [gpus[g] for g in inst.gpus], list(p.forward_s), list(p.backward_s),
+                                list(p.optimizer_s), list(p.activation_bytes), p.link_s[i], p.global_batch, p.release,
+                                p.max_inflight, self._task_done, self._node_version, gate)
+            self.trainers.append(pipe)
+            self.nodes.append(Node(i, inst, pipe, per_token))
+        self.placement = TrainingPlacement(self.policy, self.nodes, self.env)
+        self.training_parts = [self.placement]
+        self._place = self.placement.place
+
+    def _node_version(self, pipe) -> None:
+        self.nodes[pipe.index].instance.model_version = pipe.version
+        t = self.training
+        self.records.add(pipe.index, pipe.version, float("nan"), self.env.now, t.global_batch,
+                         t.global_batch * t.micro_batch * t.seq_len)
+
+    # ------------------------------------------------------------------ LoRA finetuning on decode GPUs
+    def _finetune(self, p: FinetunePlan) -> None:
+        self.pool = SequencePool()
+        self.training_parts = [self.pool]
+        self.finetuners = []
+        for i in p.decoders:
+            inst = self.system.instances[i]
+            gpu = self.cluster.gpus[inst.gpus[0]]
+            inst.attach([gpu.compute])
+            inst.max_horizon = p.lookahead_iterations
+            k = len(self.finetuners)
+            ft = LoraFinetuner(self.env, inst, gpu, self.pool, self.policy, self.plan.predictor, p.seq_len,
+                               p.global_batch, p.static_blocks is not None, self._task_done,
+                               lambda v, s, e, tokens, k=k: self.records.add(k, v, s, e, p.global_batch, tokens))
+            if p.static_blocks is not None:
+                ft.reserve_static(p.static_blocks)
+            self.finetuners.append(ft)
+        self.trainers = list(self.finetuners)
+        self._place = self.pool.add
+
+    # ------------------------------------------------------------------ what the summary reads
+    def gpu_busy_s(self) -> list[float]:
+        """Busy seconds per GPU: the shared compute's clock where co-location attached it, else the
+        instance's own busy time (serving-only GPUs never go through the shared compute)."""
+        busy = [g.compute.busy_s for g in self.cluster.gpus]
+        for inst in self.system.instances:
+            if not inst.attached:
+                for g in inst.gpus:
+                    busy[g] = max(busy[g], inst.busy_s)
+        return busy
+
+    def train_busy_s(self) -> list[float]:
+        return [g.compute.train_busy_s for g in self.cluster.gpus]
+
+    def close(self, now: float) -> None:
+        for trainer in self.trainers:
+            if isinstance(trainer, NodePipeline):
+                trainer.close(now)
