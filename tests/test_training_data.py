@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import run_sim
+from simcolo.config.training import TrainingData
 from simcolo.errors import ConfigError
 from simcolo.hardware.environment import SimEnvironment
 from simcolo.training.data import TrainingStream
@@ -12,7 +13,7 @@ from simcolo.training.learning_curve import LearningCurve
 def _cfg(**kw):
     base = {"kind": "backlog", "backlog": 4, "rate_tps": None, "share": None, "job_rate_per_s": 0.1, "job_tasks": 5}
     base.update(kw)
-    return base
+    return TrainingData.from_cfg(base)
 
 
 def test_backlog_keeps_n_tasks_outstanding():
@@ -56,11 +57,10 @@ def test_share_of_tasks_and_requests_as_training_data_in_real_runs():
 
 
 def test_bad_stream_settings_are_named():
-    env = SimEnvironment()
     with pytest.raises(ConfigError, match="exactly one of rate_tps and share"):
-        TrainingStream(env, _cfg(kind="poisson"), 1, 64, 0, lambda t: None)
+        _cfg(kind="poisson")
     with pytest.raises(ConfigError, match=r"training.data.share must be in \(0, 1\)"):
-        TrainingStream(env, _cfg(kind="poisson", share=1.0), 1, 64, 0, lambda t: None)
+        _cfg(kind="poisson", share=1.0)
 
 
 def test_learning_curve_power_law():

@@ -17,6 +17,10 @@ __all__ = ["SimEnvironment", "At", "NORMAL", "URGENT"]
 
 
 class SimEnvironment(simpy.Environment):
+    def call_at(self, at: float, fn) -> None:
+        """Call ``fn()`` at absolute time ``at`` (the clock interface parts shared with the live replay use)."""
+        At(self, at).callbacks.append(lambda _ev: fn())
+
     def schedule_at(self, event: Event, at: float, priority: int = NORMAL) -> None:
         if at < self._now:
             raise ValueError(f"cannot schedule an event in the past: at={at!r} < now={self._now!r}")

@@ -1,5 +1,5 @@
 """The training data stream: training *tasks* (one micro-batch of packed sequences each) arriving over
-simulated time.
+the backend's clock (simulated or live).
 
 Kinds (``training.data.kind``):
 
@@ -23,11 +23,9 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from simcolo.errors import ConfigError
-from simcolo.hardware.environment import At, SimEnvironment
 
 if TYPE_CHECKING:
-    from simcolo.config.training import Training
+    from simcolo.config.training import Training, TrainingData
 
 KINDS = ("backlog", "poisson", "requests", "jobs")
 
@@ -49,12 +47,14 @@ class TrainTask:
 
 
 class TrainingStream:
-    def __init__(self, env: SimEnvironment, cfg, micro_batch: int, seq_len: int, seed: int,
+    """The tasks of ``data`` (a validated ``config.training.TrainingData``), each ``micro_batch`` sequences
+    of ``seq_len`` tokens, handed to ``on_task`` as they arrive. ``clock`` is the backend's: it has ``now``
+    and ``call_at(t, fn)`` (the SimPy environment, or the live replay's clock), so the same stream feeds
+    a simulation and a replay."""
+
+    def __init__(self, clock, data: "TrainingData", micro_batch: int, seq_len: int, seed: int,
                  on_task: Callable[[TrainTask], None]):
-        kind = cfg["kind"]
-        if kind not in KINDS:
-            raise ConfigError(f"training.data.kind '{kind}' is unknown; expected one of {KINDS}")
-        self.env, self.kind, self.cfg = env, kind, cfg
+        self.env, self.kind = clock, data.kind
         self.micro_batch, self.seq_len = micro_batch, seq_len
         self.on_task = on_task
         self.rng = np.random.default_rng([int(seed), 1])
@@ -62,39 +62,26 @@ class TrainingStream:
         self.completed = 0
         self._tokens_buffered = 0
         self._share_mean = 0.0
-        if kind == "backlog":
-            n = int(cfg["backlog"])
-            if n < 0:
-                raise ConfigError(f"training.data.backlog must be >= 0, got {n}")
+        if data.kind == "backlog":
+            n = data.backlog
             if n:
-                At(env, env.now).callbacks.append(lambda _ev: [self._new() for _ in range(n)])
-        elif kind == "poisson":
-            rate, share = cfg["rate_tps"], cfg["share"]
-            if (rate is None) == (share is None):
-                raise ConfigError("training.data.kind=poisson needs exactly one of rate_tps and share")
-            if share is not None:
-                share = float(share)
-                if not 0 < share < 1:
-                    raise ConfigError(f"training.data.share must be in (0, 1), got {share}")
-                self._share_mean = share / (1 - share)
+                clock.call_at(clock.now, lambda: [self._new() for _ in range(n)])
+        elif data.kind == "poisson":
+            if data.share is not None:
+                self._share_mean = data.share / (1 - data.share)
             else:
-                self._rate = float(rate)
-                if self._rate <= 0:
-                    raise ConfigError(f"training.data.rate_tps must be > 0, got {rate}")
+                self._rate = data.rate_tps
                 self._schedule_poisson()
-        elif kind == "jobs":
-            self._job_rate, self._job_tasks = float(cfg["job_rate_per_s"]), int(cfg["job_tasks"])
-            if self._job_rate <= 0 or self._job_tasks < 1:
-                raise ConfigError("training.data: job_rate_per_s must be > 0 and job_tasks >= 1")
+        elif data.kind == "jobs":
+            self._job_rate, self._job_tasks = data.job_rate_per_s, data.job_tasks
             self._jobs = 0
-            At(env, env.now).callbacks.append(self._job)
+            clock.call_at(clock.now, self._job)
 
     @classmethod
-    def from_config(cls, env: SimEnvironment, training: "Training", seed: int,
+    def from_config(cls, clock, training: "Training", seed: int,
                     on_task: Callable[[TrainTask], None]) -> "TrainingStream":
-        """The stream of a typed training config (``simcolo.config.FullTraining`` or ``LoraFinetune``): its
-        ``data``, tasks of ``micro_batch`` sequences of ``seq_len`` tokens."""
-        return cls(env, training.data.as_mapping(), training.micro_batch, training.seq_len, seed, on_task)
+        """The stream of a typed training config (``simcolo.config.FullTraining`` or ``LoraFinetune``)."""
+        return cls(clock, training.data, training.micro_batch, training.seq_len, seed, on_task)
 
     def _new(self, job: int = -1) -> None:
         task = TrainTask(self.created, self.env.now, self.micro_batch, self.seq_len, job)
@@ -102,18 +89,18 @@ class TrainingStream:
         self.on_task(task)
 
     def _schedule_poisson(self) -> None:
-        At(self.env, self.env.now + float(self.rng.exponential(1.0 / self._rate))).callbacks.append(self._poisson)
+        self.env.call_at(self.env.now + float(self.rng.exponential(1.0 / self._rate)), self._poisson)
 
-    def _poisson(self, _ev) -> None:
+    def _poisson(self) -> None:
         self._new()
         self._schedule_poisson()
 
-    def _job(self, _ev) -> None:
+    def _job(self) -> None:
         job = self._jobs
         self._jobs += 1
         for _ in range(self._job_tasks):
             self._new(job)
-        At(self.env, self.env.now + float(self.rng.exponential(1.0 / self._job_rate))).callbacks.append(self._job)
+        self.env.call_at(self.env.now + float(self.rng.exponential(1.0 / self._job_rate)), self._job)
 
     # ------------------------------------------------------------------ hooks from the run
     def on_request_arrival(self) -> None:
