@@ -307,7 +307,7 @@ def _method_text(device: torch.device, repeats: int, warmup: int, block_s: float
               f"warm-up calls, median of {repeats} samples, each the mean of a block of calls >= "
               f"{block_s} s (one call per sample where a setup precedes it)")
     return (f"Measured by calibrate/ (python -m calibrate) with torch {torch.__version__}: {timing}. "
-            "Model: calibrate/model.py (Llama-family, random weights, SDPA attention, KV cache). "
+            "Model: simcolo/engine/model.py (Llama-family, random weights, SDPA attention, KV cache). "
             "prefill: equal-length random prompts, forward writing a fresh KV cache, last-token logits; "
             "decode: one token per sequence over a filled KV cache of fixed length; train_stage / "
             "lora_step: forward, backward, AdamW step (see calibrate/measure_train.py); transfer, "

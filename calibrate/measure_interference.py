@@ -414,7 +414,7 @@ class InterferenceMeasurer:
     def _side_a(self, p: dict[str, Any]) -> Callable[[], None]:
         """A serving iteration as the replay's engine runs it (``calibrate.measure_serving``)."""
         from calibrate.measure_serving import decode_step, prefill_step
-        from calibrate.model import build_model
+        from simcolo.engine.model import build_model
 
         ctx = self.ctx
         spec = ctx.spec_for_length(self.serving_len)
@@ -425,8 +425,8 @@ class InterferenceMeasurer:
         return decode_step(ctx, model, p["a_x"], p["a_y"], salt=31)
 
     def _side_b(self, p: dict[str, Any]) -> Callable[[], None]:
-        from calibrate.lora import apply_lora
-        from calibrate.model import build_model, stage_layers
+        from simcolo.engine.lora import apply_lora
+        from simcolo.engine.model import build_model, stage_layers
 
         ctx, spec = self.ctx, self.ctx.spec_for_length(self.train_len)
         if p["kind_b"] == "train":

@@ -86,15 +86,15 @@ class LearningCurveMeasurer:
 
     def estimate_bytes(self, p: dict[str, Any]) -> int:
         from calibrate import memory
-        from calibrate.lora import lora_param_count
+        from simcolo.engine.lora import lora_param_count
 
         return memory.training_bytes(self.spec, self.spec.num_layers, True, True, p["micro_batch"], p["seq_len"],
                                      self.ctx.dtype_bytes,
                                      trainable_params=lora_param_count(self.spec, p["rank"], self.targets))
 
     def measure(self, p: dict[str, Any]) -> list[dict[str, Any]]:
-        from calibrate.lora import apply_lora
-        from calibrate.model import build_model
+        from simcolo.engine.lora import apply_lora
+        from simcolo.engine.model import build_model
 
         ctx = self.ctx
         spec = replace(self.spec, max_context_len=max(self.spec.max_context_len, p["seq_len"]))

@@ -8,7 +8,7 @@
   masked attention path a serving engine takes), and one forward pass of one new token per sequence;
   the lengths are reset before every call, so every timed call attends to the same number of tokens.
 
-Both time the kernels the live replay runs (``simcolo.replay.model_runner.ServingRunner``: a slot KV
+Both time the kernels the live replay runs (``simcolo.engine.runner.ServingRunner``: a slot KV
 cache, continuous batching), so replay and tables measure the same thing, in the calibration dtype
 (bf16 on CUDA, fp32 on CPU).
 """
@@ -24,7 +24,7 @@ from simcolo.errors import ConfigError
 
 
 def _full_model(ctx: Context, seq_len: int):
-    from calibrate.model import build_model
+    from simcolo.engine.model import build_model
 
     spec = ctx.spec_for_length(seq_len)
     return ctx.model(("full", spec.max_context_len),
@@ -92,7 +92,7 @@ class DecodeMeasurer:
 def prefill_step(ctx: Context, model, batch_tokens: int, num_seqs: int, salt: int):
     """One prefill iteration of ``num_seqs`` random prompts of ``batch_tokens // num_seqs`` tokens, as the
     replay's engine runs it (their slots are freed after each call, last first: nothing to move)."""
-    from simcolo.replay.model_runner import ServingRunner
+    from simcolo.engine.runner import ServingRunner
 
     s = batch_tokens // num_seqs
     runner = ServingRunner(model, num_seqs, s)
@@ -109,19 +109,18 @@ def prefill_step(ctx: Context, model, batch_tokens: int, num_seqs: int, salt: in
 def decode_step(ctx: Context, model, batch: int, kv: int, salt: int):
     """One decode iteration of ``batch`` sequences holding ``kv`` random tokens each (the first one
     fewer, so that the masked path of a ragged live batch is timed); lengths reset before each call."""
-    from simcolo.replay.model_runner import ServingRunner
+    from simcolo.engine.kv_cache import KVCache
+    from simcolo.engine.runner import ServingRunner
 
-    runner = ServingRunner(model, batch, kv + 1)
     lengths = [max(0, kv - 1)] + [kv] * (batch - 1) if batch > 1 else [kv]
-    for i, n in enumerate(lengths):
-        runner.cache.allocate(i, n)
-    gen = ctx.generator(salt)
-    runner.cache.k[:, :batch, :, :kv].normal_(generator=gen)
-    runner.cache.v[:, :batch, :, :kv].normal_(generator=gen)
+    p = model.embed_tokens.weight
+    cache = KVCache.filled(model.spec, lengths, kv + 1, device=p.device, dtype=p.dtype,
+                           generator=ctx.generator(salt))
+    runner = ServingRunner(model, cache=cache)
     keys = list(range(batch))
     ids = ctx.random_ids((batch,), salt=salt + 1)
 
     def step():
-        runner.cache.lengths[:] = lengths
+        cache.lengths[:] = lengths
         runner.decode(keys, ids)
     return step

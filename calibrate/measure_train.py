@@ -106,7 +106,7 @@ class TrainStageMeasurer:
                 for b in self.micro_batches for t in self.seq_lens]
 
     def _layout(self, p: dict[str, Any]):
-        from calibrate.model import stage_layers
+        from simcolo.engine.model import stage_layers
 
         layers = stage_layers(self.ctx.spec, p["num_stages"], p["stage"])
         return layers, p["stage"] == 0, p["stage"] == p["num_stages"] - 1
@@ -117,7 +117,7 @@ class TrainStageMeasurer:
                                      self.ctx.dtype_bytes)
 
     def measure(self, p: dict[str, Any]) -> list[dict[str, Any]]:
-        from calibrate.model import build_model
+        from simcolo.engine.model import build_model
 
         ctx = self.ctx
         layers, embed, head = self._layout(p)
@@ -134,7 +134,7 @@ class TrainStageMeasurer:
 
 
 def check_targets(spec, targets: tuple[str, ...], where: str) -> None:
-    from calibrate.lora import lora_param_count
+    from simcolo.engine.lora import lora_param_count
 
     try:
         lora_param_count(spec, 1, targets)
@@ -160,7 +160,7 @@ class LoraStepMeasurer:
                 for r in self.ranks for b in self.micro_batches for t in self.seq_lens]
 
     def estimate_bytes(self, p: dict[str, Any]) -> int:
-        from calibrate.lora import lora_param_count
+        from simcolo.engine.lora import lora_param_count
 
         spec = self.ctx.spec
         trainable = lora_param_count(spec, p["rank"], self.targets)
@@ -168,8 +168,8 @@ class LoraStepMeasurer:
                                      self.ctx.dtype_bytes, trainable_params=trainable)
 
     def measure(self, p: dict[str, Any]) -> list[dict[str, Any]]:
-        from calibrate.lora import apply_lora
-        from calibrate.model import build_model
+        from simcolo.engine.lora import apply_lora
+        from simcolo.engine.model import build_model
 
         ctx = self.ctx
         spec = ctx.spec_for_length(max(self.seq_lens))

@@ -281,7 +281,13 @@ class BatchScheduler:
             if budget > 0:
                 chunks += self._admit(budget, now)
             if not chunks and not decodes:
-                return None
+                # a decode-role instance may have just admitted transferred requests (no chunk): decode them
+                if not self.running:
+                    return None
+                self._allocate_decode_slots()
+                decodes = list(self.running)
+                if not decodes:
+                    return None
             tokens = sum(c for _, c in chunks)
             latency = self.cost.mixed_s(tokens, len(chunks), len(decodes), self.kv_total)
             return latency, chunks, decodes

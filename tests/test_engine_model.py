@@ -1,11 +1,18 @@
-"""The calibration model (calibrate/model.py) and its LoRA adapters (calibrate/lora.py), on CPU in float32."""
+"""The runtime model (simcolo/engine/model.py), its KV cache (engine/kv_cache.py) and LoRA adapters
+(engine/lora.py), on CPU in float32; and that calibrate/ and the replay share this one engine."""
+import ast
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
-from calibrate.lora import LoRALinear, apply_lora, lora_param_count
-from calibrate.model import KVCache, Llama, build_model, stage_layers
+from simcolo.costs import schema
+from simcolo.engine.kv_cache import KVCache
+from simcolo.engine.lora import LoRALinear, apply_lora, lora_param_count
+from simcolo.engine.model import Llama, build_model, stage_layers, weight_sharing_copy
+from simcolo.paths import PROJECT_ROOT
 from simcolo.specs import load_model_spec
 
 ATOL = 1e-5
@@ -27,6 +34,11 @@ def ids(spec, b, t, seed=1):
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def rows(n, t, first=0):
+    """``extend`` rows: sequences first..first+n-1, ``t`` new tokens each."""
+    return [(first + i, t) for i in range(n)]
 
 
 def test_tiny_parameter_count_matches_spec(spec):
@@ -76,11 +88,11 @@ def test_kv_cache_decoding_matches_full_forward(spec, batch):
     with torch.inference_mode():
         full = model(x)
         cache = KVCache(spec, batch, 8, device="cpu", dtype=torch.float32)
-        steps = [model(x[:, :5], cache)]
-        assert cache.length == 5
+        steps = [model(x[:, :5], cache.extend(rows(batch, 5)))]
+        assert cache.lengths == [5] * batch
         for t in range(5, 8):
-            steps.append(model(x[:, t:t + 1], cache))
-        assert cache.length == 8
+            steps.append(model(x[:, t:t + 1], cache.extend(rows(batch, 1))))
+        assert cache.lengths == [8] * batch
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
     assert full.shape == (batch, 8, spec.vocab_size)
 
@@ -92,7 +104,8 @@ def test_chunked_prefill_after_cached_tokens_matches_full_forward(spec):
     with torch.inference_mode():
         full = model(x)
         cache = KVCache(spec, 2, 12, device="cpu", dtype=torch.float32)
-        out = torch.cat([model(x[:, :3], cache), model(x[:, 3:7], cache), model(x[:, 7:], cache)], dim=1)
+        out = torch.cat([model(x[:, a:b], cache.extend(rows(2, b - a))) for a, b in ((0, 3), (3, 7), (7, 9))],
+                        dim=1)
     torch.testing.assert_close(out, full, atol=ATOL, rtol=0)
 
 
@@ -134,8 +147,14 @@ def test_two_stage_pipeline_matches_whole_model(spec):
         torch.testing.assert_close(last(hidden), want, atol=ATOL, rtol=0)
         caches = [KVCache(spec, 2, 6, num_layers=len(m.layers), device="cpu", dtype=torch.float32)
                   for m in (first, last)]
-        out = [last(first(x[:, :4], caches[0]), caches[1])]
-        out += [last(first(x[:, t:t + 1], caches[0]), caches[1]) for t in (4, 5)]
+
+        def both(chunk):
+            return last(first(chunk, caches[0].extend(rows(2, chunk.shape[1]))),
+                        caches[1].extend(rows(2, chunk.shape[1])))
+        out = [both(x[:, :4])] + [both(x[:, t:t + 1]) for t in (4, 5)]
+        one_layer = KVCache(spec, 1, 6, num_layers=1, device="cpu", dtype=torch.float32)
+        with pytest.raises(ValueError, match="holds 1 layers; this model has 2"):
+            whole(x[:1, :1], one_layer.extend([(0, 1)]))
     torch.testing.assert_close(torch.cat(out, dim=1), want, atol=ATOL, rtol=0)
 
 
@@ -146,15 +165,22 @@ def test_kv_cache_bytes_and_filled(spec):
     half = KVCache(spec, 3, 10, device="cpu", dtype=torch.bfloat16)
     assert half.nbytes == 3 * 10 * spec.kv_bytes_per_token  # tiny's dtype_bytes is 2
     g = torch.Generator().manual_seed(0)
-    filled = KVCache.filled(spec, 2, 7, 8, device="cpu", dtype=torch.float32, generator=g)
-    assert filled.length == 7 and filled.k[..., :7, :].std() > 0.5
+    filled = KVCache.filled(spec, [7, 7], 8, device="cpu", dtype=torch.float32, generator=g)
+    assert filled.lengths == [7, 7] and filled.k[..., :7, :].std() > 0.5
     model = build_model(spec).eval()
     with torch.inference_mode():
-        out = model(ids(spec, 2, 1), filled, last_token_logits_only=True)
+        out = model(ids(spec, 2, 1), filled.extend(rows(2, 1)), last_token_logits_only=True)
         assert out.shape == (2, 1, spec.vocab_size) and torch.isfinite(out).all()
-        assert filled.length == 8
+        assert filled.lengths == [8, 8]
         with pytest.raises(ValueError, match="overflow"):
-            model(ids(spec, 2, 1), filled)
+            model(ids(spec, 2, 1), filled.extend(rows(2, 1)))
+        with pytest.raises(ValueError, match="made for 2 rows of 1 new tokens; got 1 x 1"):
+            model(ids(spec, 1, 1), KVCache(spec, 2, 8, device="cpu", dtype=torch.float32).extend(rows(2, 1)))
+    # the same generator draws give the same cache; ragged lengths are held as given
+    again = KVCache.filled(spec, [7, 3], 8, device="cpu", dtype=torch.float32,
+                           generator=torch.Generator().manual_seed(0), max_seqs=4)
+    assert again.keys() == [0, 1] and again.lengths == [7, 3] and again.max_seqs == 4
+    assert torch.equal(again.k[:, :2, :, :7], filled.k[:, :, :, :7])
 
 
 def test_lora_trains_only_adapters(spec):
@@ -225,3 +251,49 @@ def test_llama_constructed_directly_runs(spec):
     with torch.inference_mode():
         out = Llama(spec)(ids(spec, 1, 4))
     assert out.shape == (1, 4, spec.vocab_size) and torch.isfinite(out).all()
+
+
+def test_stage_layers_is_the_cost_tables_split():
+    big = load_model_spec("llama3-8b")
+    for n in (1, 3, 7):
+        assert [stage_layers(big, n, s) for s in range(n)] == [schema.stage_layers(32, n, s) for s in range(n)]
+    with pytest.raises(ValueError, match="model 'llama3-8b'"):
+        stage_layers(big, 33, 0)
+
+
+def test_weight_sharing_copy_shares_tensors_not_modules(spec):
+    model = build_model(spec, seed=2).eval()
+    twin = weight_sharing_copy(model)
+    assert not twin.training
+    for (name, p), (twin_name, q) in zip(model.named_parameters(), twin.named_parameters()):
+        assert name == twin_name and p is q
+    assert twin.rope_cos is model.rope_cos and twin.layers[0] is not model.layers[0]
+    x = ids(spec, 2, 5)
+    with torch.no_grad():
+        before = model(x)
+        torch.testing.assert_close(twin(x), before, atol=0, rtol=0)
+        twin.layers[0].attn.q_proj = torch.nn.Identity()  # only the copy changes
+        assert torch.equal(model(x), before) and not torch.equal(twin(x), before)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_one_engine_for_calibration_and_replay():
+    """The model, LoRA, KV cache and runners exist once, in simcolo/engine; calibrate/ uses them and
+    simcolo/ never imports calibrate/ (no import cycle between the two packages)."""
+    assert importlib.util.find_spec("simcolo.replay.model_runner") is None
+    assert not (PROJECT_ROOT / "calibrate" / "model.py").exists()
+    assert not (PROJECT_ROOT / "calibrate" / "lora.py").exists()
+    for path in (PROJECT_ROOT / "simcolo").rglob("*.py"):
+        assert not any(n == "calibrate" or n.startswith("calibrate.") for n in _imports(path)), path
+    calibrate_imports = set().union(*map(_imports, (PROJECT_ROOT / "calibrate").glob("*.py")))
+    assert {"simcolo.engine.model", "simcolo.engine.lora", "simcolo.engine.runner"} <= calibrate_imports
+    assert not any(n.startswith("simcolo.replay") for n in calibrate_imports)

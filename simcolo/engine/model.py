@@ -5,78 +5,34 @@ grouped-query attention with rotary position embeddings and a SwiGLU MLP, a fina
 head. That is all this file is. Weights are random (nothing is downloaded): calibration and live replay
 need the real kernels at the real shapes, not a model that says anything sensible.
 
+There is one block forward. What differs between training, a prefill and a decode is only *how the new
+tokens attend*: among themselves (no cache), or over a KV cache that holds each sequence's earlier
+tokens. ``Llama.forward`` takes that step as an ``Attend`` object (``NO_CACHE``, or one that
+``engine/kv_cache.py`` makes for a batch of sequences), which also says at which rotary positions the new
+tokens sit.
+
 Module names follow Hugging Face's (``layers.3.attn.q_proj``, ``mlp.gate_proj``, ``lm_head``) so that
-LoRA targets read the same (see ``calibrate/lora.py``). A ``Llama`` may also be one pipeline stage: a
-contiguous range of layers, with or without the embedding and the head.
+LoRA targets read the same (see ``engine/lora.py``). A ``Llama`` may also be one pipeline stage: a
+contiguous range of layers (``stage_layers``), with or without the embedding and the head.
 """
 from __future__ import annotations
 
 import zlib
+from functools import partial
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.torch_version import TorchVersion
 
+from simcolo.costs.schema import stage_layers as _split_layers
 from simcolo.specs import ModelSpec
 
 ROPE_THETA = 10000.0  # Llama-2's; Llama-3 uses 5e5, Qwen2.5 1e6. Latency does not depend on it.
 NORM_EPS = 1e-5
 INIT_STD = 0.02
 _SDPA_HAS_GQA = TorchVersion(torch.__version__) >= "2.5"  # enable_gqa=... arrived in torch 2.5
-
-
-class KVCache:
-    """Preallocated K/V for ``num_layers`` layers: ``k``, ``v`` tensors of shape
-    ``[num_layers, batch, num_kv_heads, max_len, head_dim]``; ``length`` (int) = tokens already cached
-    (uniform across the batch). ``num_layers`` defaults to the whole model's; a pipeline stage's cache
-    holds only that stage's layers."""
-
-    def __init__(self, spec: ModelSpec, batch: int, max_len: int, num_layers: int | None = None, *,
-                 device, dtype):
-        shape = (spec.num_layers if num_layers is None else num_layers, batch, spec.num_kv_heads,
-                 max_len, spec.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    @classmethod
-    def filled(cls, spec: ModelSpec, batch: int, length: int, max_len: int, num_layers: int | None = None,
-               *, device, dtype, generator: torch.Generator | None = None) -> "KVCache":
-        """A cache holding ``length`` tokens of random K/V: for timing a decode step at a given KV
-        length without running a prefill first."""
-        if not 0 <= length <= max_len:
-            raise ValueError(f"KVCache.filled: length {length} must be within [0, max_len={max_len}]")
-        cache = cls(spec, batch, max_len, num_layers, device=device, dtype=dtype)
-        cache.k[..., :length, :].normal_(generator=generator)
-        cache.v[..., :length, :].normal_(generator=generator)
-        cache.length = length
-        return cache
-
-    @property
-    def num_layers(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write one layer's new K/V ``[batch, kv_heads, T, head_dim]`` at ``[length, length + T)`` and
-        return views of all of that layer's K/V so far. ``length`` itself is advanced by the model,
-        once per forward, after every layer has written."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float = ROPE_THETA, device=None) -> tuple[Tensor, Tensor]:
@@ -94,25 +50,59 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention of the T queries ``q`` ``[B, heads, T, D]``, which are the *last* T of the S
-    keys/values ``[B, kv_heads, S, D]``.
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Attention of the T queries ``q`` ``[B, heads, T, D]`` over the S keys/values ``[B, kv_heads, S,
+    D]`` (grouped-query: ``heads`` a multiple of ``kv_heads``).
 
-    SDPA's ``is_causal`` aligns the mask top-left, which is right only when T == S (no cache, or a
-    prefill into an empty one). A single decode token sees everything, so it needs no mask. Only a chunk
-    of several tokens after cached ones (chunked prefill) needs an explicit, bottom-right-aligned mask;
-    that path may fall back to a slower SDPA kernel, which no calibration table times.
+    With ``mask`` (boolean, True = attend, broadcastable to ``[B, heads, T, S]``) that mask is all there
+    is. Without one, the queries are taken to be the *last* T of the S positions, attending causally:
+    SDPA's ``is_causal`` aligns its mask top-left, which is right only when T == S (no cache, or a
+    prefill into an empty one); a single query sees everything and needs no mask; a chunk of several
+    tokens after cached ones gets an explicit, bottom-right-aligned mask (a path that may fall back to a
+    slower SDPA kernel).
     """
     t, s = q.shape[2], k.shape[2]
-    causal, mask = t > 1 and t == s, None
-    if 1 < t < s:
-        q_pos = torch.arange(s - t, s, device=q.device)
-        mask = torch.arange(s, device=q.device)[None, :] <= q_pos[:, None]
+    causal = False
+    if mask is None:
+        causal = t > 1 and t == s
+        if 1 < t < s:
+            q_pos = torch.arange(s - t, s, device=q.device)
+            mask = torch.arange(s, device=q.device)[None, :] <= q_pos[:, None]
     if _SDPA_HAS_GQA:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+class Attend(Protocol):
+    """How the new tokens of one forward attend, layer by layer.
+
+    ``positions``: rotary position of the new tokens -- an int (that of the first one, the same in every
+    row) or a LongTensor ``[B, T]`` (each row its own). ``num_layers`` and ``shape`` (rows, new tokens
+    per row) are what the step was made for, or None where anything goes. Called with the layer's index
+    in the module and the new tokens' rotated ``q`` ``[B, heads, T, D]``, ``k``, ``v`` ``[B, kv_heads, T,
+    D]``, it returns their attention output ``[B, heads, T, D]`` (storing ``k``, ``v`` if it keeps a
+    cache).
+    """
+    positions: int | Tensor
+    num_layers: int | None
+    shape: tuple[int, int] | None
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+class NoCache:
+    """Attend without a KV cache: the new tokens are the whole sequence (training, a full forward)."""
+    positions = 0
+    num_layers = None
+    shape = None
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return attention(q, k, v)
+
+
+NO_CACHE = NoCache()
 
 
 class Attention(nn.Module):
@@ -125,15 +115,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, slot: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        """``attend(q, k, v)`` (after rope) is the attention step proper; see ``Attend``."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(slot, k, v)
-        y = attention(q, k, v)
+        y = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -162,8 +151,9 @@ class Block(nn.Module):
         self.post_attn_norm = nn.RMSNorm(spec.hidden_size, eps=NORM_EPS)
         self.mlp = MLP(spec)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, slot: int) -> Tensor:
-        x = x + self.attn(self.input_norm(x), cos, sin, cache, slot)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor,
+                attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        x = x + self.attn(self.input_norm(x), cos, sin, attend)
         return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -193,39 +183,54 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    @property
+    def is_whole(self) -> bool:
+        """Embedding, every layer and the head: a model that maps token ids to logits."""
+        return (self.embed_tokens is not None and self.lm_head is not None
+                and self.layer_range == range(self.spec.num_layers))
+
+    @property
+    def max_positions(self) -> int:
+        return self.rope_cos.shape[0]
+
     def tie_weights(self) -> None:
         if self.spec.tie_embeddings and self.embed_tokens is not None and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None = None, *, last_token_logits_only: bool = False
-                ) -> Tensor:
-        """``x``: token ids ``[B, T]`` if the module holds the embedding, else hidden states
-        ``[B, T, hidden]``. Positions start at ``kv_cache.length`` (0 without a cache); with a cache the
-        new K/V are written at ``[length, length + T)`` and ``length`` advances by T. Returns logits
-        ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_token_logits_only``, what serving computes) if
-        the module holds the head, else hidden states ``[B, T, hidden]``."""
-        b, t = x.shape[:2]
-        start = 0 if kv_cache is None else kv_cache.length
-        if kv_cache is not None:
-            if kv_cache.num_layers != len(self.layers) or kv_cache.batch != b:
-                raise ValueError(f"KV cache holds {kv_cache.num_layers} layers x batch {kv_cache.batch}; "
-                                 f"this model has {len(self.layers)} layers and got batch {b}")
-            if start + t > kv_cache.max_len:
-                raise ValueError(f"KV cache overflow: {start} cached + {t} new tokens > max_len "
-                                 f"{kv_cache.max_len}")
-        if start + t > self.rope_cos.shape[0]:
-            raise ValueError(f"position {start + t} is beyond max_context_len {self.rope_cos.shape[0]} of "
-                             f"model '{self.spec.name}' (build it from a spec with a longer context)")
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        for slot, block in enumerate(self.layers):
-            h = block(h, cos, sin, kv_cache, slot)
-        if kv_cache is not None:
-            kv_cache.length += t
+    def forward(self, x: Tensor, attend: Attend = NO_CACHE, *, last_token_logits_only: bool = False) -> Tensor:
+        """``x``: token ids ``[B, T]`` if the module holds the embedding, else hidden states ``[B, T,
+        hidden]``. Returns logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_token_logits_only``)
+        if the module holds the head, else hidden states ``[B, T, hidden]``."""
+        h = self.hidden_states(x, attend)
         if self.lm_head is None:
             return h
         if last_token_logits_only:
             h = h[:, -1:]
+        return self.logits(h)
+
+    def hidden_states(self, x: Tensor, attend: Attend = NO_CACHE) -> Tensor:
+        """The embedding (if held) and every layer held, attending through ``attend``."""
+        b, t = x.shape[:2]
+        if attend.num_layers is not None and attend.num_layers != len(self.layers):
+            raise ValueError(f"the KV cache holds {attend.num_layers} layers; this model has {len(self.layers)}")
+        if attend.shape is not None and attend.shape != (b, t):
+            raise ValueError(f"the attention step was made for {attend.shape[0]} rows of {attend.shape[1]} "
+                             f"new tokens; got {b} x {t}")
+        pos = attend.positions
+        if isinstance(pos, int):
+            if pos + t > self.max_positions:
+                raise ValueError(f"position {pos + t} is beyond max_context_len {self.max_positions} of "
+                                 f"model '{self.spec.name}' (build it from a spec with a longer context)")
+            cos, sin = self.rope_cos[pos:pos + t], self.rope_sin[pos:pos + t]
+        else:  # each row at its own positions: [B, 1 (heads), T, head_dim / 2]
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        for layer, block in enumerate(self.layers):
+            h = block(h, cos, sin, partial(attend, layer))
+        return h
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Final norm and LM head of hidden states ``[..., hidden]``."""
         return self.lm_head(self.norm(h))
 
     @torch.no_grad()
@@ -283,15 +288,30 @@ def build_model(spec: ModelSpec, *, device="cpu", dtype: torch.dtype | None = No
     return model
 
 
+def weight_sharing_copy(model: Llama) -> Llama:
+    """A second ``Llama`` object over the very same parameter and buffer tensors as ``model``.
+
+    Its submodules are its own, so one may be replaced in the copy (a LoRA wrapper, see
+    ``engine/lora.py``) while ``model`` goes on computing exactly what it did.
+    """
+    with torch.device("meta"):  # no memory: every tensor is replaced by the model's below
+        twin = Llama(model.spec, model.layer_range, model.embed_tokens is not None, model.lm_head is not None,
+                     rope_theta=model.rope_theta)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        setattr(twin.get_submodule(owner), attr, p)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        owner, _, attr = name.rpartition(".")
+        twin.get_submodule(owner).register_buffer(attr, b, persistent=False)
+    return twin.train(model.training)
+
+
 def stage_layers(spec: ModelSpec, num_stages: int, stage: int) -> range:
     """The layers of pipeline stage ``stage`` of ``num_stages``: contiguous and as even as possible,
     the first ``num_layers % num_stages`` stages holding one layer more (the last stage also holds the
-    LM head, the heaviest single matmul)."""
-    if not 1 <= num_stages <= spec.num_layers:
-        raise ValueError(f"num_stages {num_stages} must be within [1, {spec.num_layers}] "
-                         f"(the layers of model '{spec.name}')")
-    if not 0 <= stage < num_stages:
-        raise ValueError(f"stage {stage} must be within [0, {num_stages})")
-    base, extra = divmod(spec.num_layers, num_stages)
-    start = stage * base + min(stage, extra)
-    return range(start, start + base + (stage < extra))
+    LM head, the heaviest single matmul). The split is the one the training cost tables are keyed by
+    (``simcolo.costs.schema.stage_layers``, which works from a layer count alone)."""
+    try:
+        return _split_layers(spec.num_layers, num_stages, stage)
+    except ValueError as exc:
+        raise ValueError(f"model '{spec.name}': {exc}") from None

@@ -1,9 +1,12 @@
-"""LoRA adapters (Hu et al., 2021) on the model of ``calibrate/model.py``.
+"""LoRA adapters (Hu et al., 2021) on the model of ``engine/model.py``.
 
 A frozen ``nn.Linear`` ``W`` becomes ``y = W x + (alpha / rank) * B A x`` with ``A`` ``[rank, in]`` and
 ``B`` ``[out, rank]``. ``B`` starts at zero, so the adapted model computes exactly what the base model
 does until the first optimizer step. Targets are attribute names (``q_proj``, ``v_proj``,
 ``gate_proj``, ``lm_head``, ...), as in Hugging Face PEFT.
+
+``apply_lora`` rewires the model it is given. To fine-tune a model that is also being served, apply it
+to a ``weight_sharing_copy`` of that model (what ``engine/runner.py``'s ``LoraTrainingRunner`` does).
 """
 from __future__ import annotations
 
