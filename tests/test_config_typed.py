@@ -245,10 +245,6 @@ BAD = [
     (["replay.cpu_threads=0"], "replay", r"^replay\.cpu_threads must be >= 1, got 0$"),
     (["+replay.warmup=3"], "replay",
      r"^replay\.warmup is not a known key \(did you mean replay\.warmup_iterations\?\)"),
-    (["policy=lemix", "training.data.backlog=0"], "replay",
-     r"^training\.data\.backlog must be >= 1 in a replay, got 0$"),
-    (["policy=lemix", "training.data.kind=requests"], "replay",
-     r"^training\.data\.kind='requests': the live replay supports only 'backlog'$"),
 ]
 
 

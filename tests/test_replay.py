@@ -72,10 +72,10 @@ def test_lemix_replay_trains_the_model_it_serves(cpu_calibration, tmp_path):
     steps_before = np.searchsorted(train.end_s.to_numpy(), req.first_token_s.to_numpy(), side="right")
     assert (req.model_version <= steps_before).all() and req.model_version.max() > 0
     # the served (trained) model was really updated in place: it differs from a fresh build
-    from calibrate.model import build_model
+    from simcolo.engine.model import build_model
 
-    served = rep.colocation.serving_models[0]
-    fresh = build_model(rep.colocation.model, seed=0)
+    served = rep.backend.serving_models[0]
+    fresh = build_model(rep.backend.model, seed=0)
     assert not torch.equal(served.lm_head.weight.detach(), fresh.lm_head.weight)
 
 
@@ -91,15 +91,15 @@ def test_isolated_replay_trains_in_its_own_process_and_syncs_weights(cpu_calibra
     req = _requests(tmp_path)
     assert (req.model_version % 2 == 0).all()          # serving sees synced versions only
     # the serving replica's weights are the trainer's after a sync: not the initial ones
-    from calibrate.model import build_model
+    from simcolo.engine.model import build_model
 
-    served = rep.colocation.serving_models[0]
-    fresh = build_model(rep.colocation.model, seed=0)
+    served = rep.backend.serving_models[0]
+    fresh = build_model(rep.backend.model, seed=0)
     assert not torch.equal(served.lm_head.weight.detach(), fresh.lm_head.weight)
 
 
 def test_a_kernel_failure_stops_the_replay_and_keeps_every_record(cpu_calibration, tmp_path, monkeypatch):
-    from simcolo.replay.model_runner import ServingRunner
+    from simcolo.engine.runner import ServingRunner
     from simcolo.replay.run import ReplayFailed
 
     calls = {"n": 0}

@@ -2,8 +2,7 @@
 (``simcolo.configs.load_config``, or the CLI's) into frozen, typed, validated parts.
 
 What is checked here: every group's own values (types, ranges, choices, unknown keys), the token budget
-against the model's context, and, for a live replay, that its training data is a backlog of at least one
-task. What needs the layout a policy builds (GPU counts, memory fit) is checked when it is built.
+against the model's context. What needs the layout a policy builds (GPU counts, memory fit) is checked when it is built.
 """
 from __future__ import annotations
 
@@ -72,8 +71,6 @@ class RunConfig:
         policy_name = _policy_name(policy)
         workload = mapping(root.raw("workload"), "workload")
         replay = ReplayConfig.from_cfg(cfg, "") if is_replay else None
-        if replay is not None and training is not None:
-            _check_live_data(training)
         node_stages = Group(mapping(root.raw("training"), "training"), "training").int("stages", min=1)
         return cls(seed=seed, model=model, gpu=gpu, cluster=cluster, serving=serving, slo=slo, costs=costs,
                    training=training, metrics=metrics, sim=sim, policy_name=policy_name, policy=policy,
@@ -86,12 +83,3 @@ def _policy_name(policy: Mapping[str, Any]) -> str:
     if name not in POLICIES:
         raise ConfigError(f"policy.name '{name}' is unknown; expected one of {sorted(POLICIES)}")
     return name
-
-
-def _check_live_data(training: Training) -> None:
-    """The live replay feeds training from a closed loop only (``simcolo.replay.trainers.TaskStream``)."""
-    data = training.data
-    if data.kind != "backlog":
-        raise ConfigError(f"training.data.kind='{data.kind}': the live replay supports only 'backlog'")
-    if data.backlog < 1:
-        raise ConfigError(f"training.data.backlog must be >= 1 in a replay, got {data.backlog}")

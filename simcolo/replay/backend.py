@@ -1,44 +1,42 @@
-"""The live backend: the layout a policy asks for, built from the same config as a simulation, with
-real models, kernels and threads instead of the cost model's clock.
+"""The live backend: builds the same layout plan as a simulation, with real models, kernels and threads
+instead of the cost model's clock.
 
-What is the same as in the simulator (and shared code, not a copy): the policy object and the views it
-sees (``LiveInstance`` is the simulator's ``Instance``; co-located nodes are ``colocation.nodes.Node``),
-the KV budget and memory accounting, the cost predictions the policy is bound to (the run's tables),
-the LeMix memory gate, the learning curve and every metric. What is live: the clock (wall time since
-the first arrival could happen), prefill/decode/training kernels on the real model, weight syncs.
+What is the same as in the simulator (shared code, not a copy): the plan (GPU groups, memory accounting,
+KV budget, every check), the policy object and the views it sees (``LiveInstance`` is a
+``BatchScheduler``, co-located nodes are ``colocation.nodes.Node``), the predictor the policy is bound to
+(the run's tables), the training data stream, LeMix's placement and memory gate, the learning curve, the
+summary and the output files. What is live: the clock (wall time since the replay started), prefill /
+decode / mixed iterations, training and finetuning kernels on the real model, weight syncs and KV-cache
+hand-offs (a tensor copy between the instances' devices).
 
-Supported live (a clear ``ConfigError`` otherwise): colocated serving at ``tp=1`` without chunked
-prefill; ``isolated`` with one training replica of one stage; ``pipelines`` (mix_*, lemix) with one
-stage per node; training data ``backlog``; no activation checkpointing. Prefill/decode disaggregation and LoRA finetuning (``harli``,
-``static_share``, ``flexllm``) are not live yet.
+What does not run live is refused by :func:`check_live` with a ``ConfigError`` naming the key.
 """
 from __future__ import annotations
 
-import dataclasses
+import heapq
+import itertools
 import math
+import queue
+import threading
 
 import numpy as np
 import torch
 
-from simcolo.colocation.backend import TrainingRecords, TrainingTally, memory_gate, training_table_dir
-from simcolo.colocation.nodes import Node, TrainingPlacement
-from simcolo.colocation.predictor import SimPredictor
-from simcolo.costs import cost_model_for
-from simcolo.costs.interference_table import InterferenceTable
-from simcolo.costs.training_costs import TrainingCosts
+from simcolo.backend import Backend
+from simcolo.colocation.nodes import Node, NoPipeline, TrainingPlacement, memory_gate
 from simcolo.errors import ConfigError
-from simcolo.hardware.cluster import Cluster
+from simcolo.hardware.cluster import Cluster, Topology
 from simcolo.hardware.interference import TableInterference
+from simcolo.layout.plan import FinetunePlan, IsolatedTrainingPlan, NodeTrainingPlan
 from simcolo.metrics.itl import ITLHistogram
-from simcolo.serving.system import ServingLayout, ServingSystem
-from simcolo.simulate import batching_from_cfg
-from simcolo.specs import gpu_spec_from_mapping, model_spec_from_mapping
-from simcolo.training.learning_curve import LearningCurve
-from simcolo.training.memory import full_training_stage_memory
 from simcolo.replay.context import LiveContext
 from simcolo.replay.live_instance import LiveInstance
-from simcolo.replay.train_process import ProcessTrainingWorker, ThreadTrainingWorker
-from simcolo.replay.trainers import NodeTrainer, SyncTrainer, TaskStream
+from simcolo.serving.system import ServingSystem
+from simcolo.training.data import TrainingStream
+from simcolo.training.lora_finetuner import SequencePool
+
+#: LoRA scaling (alpha) of the live finetuner's adapters; costs do not depend on it.
+LORA_ALPHA = 32.0
 
 
 def torch_device(name: str) -> torch.device:
@@ -51,228 +49,199 @@ def torch_device(name: str) -> torch.device:
     raise ConfigError(f"device={name!r}; expected cpu or cuda")
 
 
-class _Clock:
-    """What the simulator's parts read of their environment: ``now``."""
+class LiveClock:
+    """The replay's clock as the shared parts see it: ``now`` (wall seconds since the replay started) and
+    ``call_at(t, fn)`` (the training data stream's timers), run by the replay's main loop under the lock."""
 
     def __init__(self, live: LiveContext):
-        self._live = live
+        self.live = live
+        self._timers: list = []
+        self._seq = itertools.count()
+        self.wake: threading.Condition | None = None   # the main loop's; notified when a timer is added
 
     @property
     def now(self) -> float:
-        return self._live.now
+        return self.live.now
+
+    def call_at(self, at: float, fn) -> None:
+        with self.live.lock:
+            heapq.heappush(self._timers, (at, next(self._seq), fn))
+            if self.wake is not None:
+                self.wake.notify()
+
+    def next_due(self) -> float:
+        return self._timers[0][0] if self._timers else math.inf
+
+    def run_due(self, now: float) -> None:
+        """Call every timer due by ``now`` (under the lock)."""
+        while self._timers and self._timers[0][0] <= now:
+            heapq.heappop(self._timers)[2]()
 
 
-class LiveBackend(TrainingTally):
-    def __init__(self, cfg, policy, sink, device: torch.device):
-        self.cfg, self.policy, self.sink, self.device = cfg, policy, sink, device
-        self.model = model_spec_from_mapping(cfg["model"], "model")
-        self.gpu = gpu_spec_from_mapping(cfg["gpu"], "gpu")
+def check_live(run, plan) -> None:
+    """Refuse, naming the key, what the live replay cannot run."""
+    layout = plan.serving
+    if plan.kind in ("serving", "isolated") and layout.tp != 1:
+        raise ConfigError(f"serving.tp={layout.tp}: tensor parallelism is not run live; the replay serves each "
+                          f"replica on one device (serving.tp=1)")
+    t = plan.training
+    if t is not None and t.activation_checkpointing:
+        raise ConfigError("training.activation_checkpointing=true is not run live yet; set it to false "
+                          "(in the simulation too, so that both run the same work)")
+    if isinstance(plan.trainer, IsolatedTrainingPlan):
+        if len(plan.trainer.groups) != 1 or len(plan.trainer.groups[0]) != 1:
+            n = sum(len(g) for g in plan.trainer.groups) + len(plan.instances)
+            raise ConfigError(f"policy.serving_gpus={run.policy['serving_gpus']}, training.stages={run.node_stages} "
+                              f"with {n} GPUs: the live replay trains one isolated replica on one GPU "
+                              f"(training.stages=1, policy.serving_gpus = GPUs - 1)")
+
+
+class LiveBackend(Backend):
+    def __init__(self, run, policy, plan, sink, device: torch.device):
+        super().__init__(run, policy, plan)
+        check_live(run, plan)
+        self.sink, self.device = sink, device
         self.live = LiveContext(str(device))
-        self.env = _Clock(self.live)
-        c = cfg["cluster"]
-        self.cluster = Cluster(self.env, self.gpu, int(c["num_nodes"]), int(c["gpus_per_node"]),
-                               float(c["network_bandwidth_bytes_per_s"]), float(c["network_latency_s"]),
-                               float(c["nvlink_latency_s"]))
+        self.env = self.clock = LiveClock(self.live)
+        self.cluster = Cluster(self.clock, Topology.from_config(run.gpu, run.cluster))
+        self.cluster.apply(plan.allocations)
         self.itl = ITLHistogram()
-        self.records = TrainingRecords()
-        self.kind = policy.layout
-        tcfg = cfg["training"]
-        self.training_on = tcfg["kind"] != "none" and self.kind != "serving"
-        self.learning_curve = LearningCurve.from_cfg(tcfg["learning_curve"])
-        self.micro_batch, self.seq_len = int(tcfg["micro_batch"]), int(tcfg["seq_len"])
-        self.global_batch = int(tcfg["global_batch"])
-        self.trainers: list = []
-        self.nodes: list[Node] = []
-        self.train_groups: list[list[int]] = []
         self.serving_models: dict[int, torch.nn.Module] = {}
-        layout = ServingLayout.from_cfg(cfg["serving"])
-        self.batching = batching_from_cfg(cfg["serving"])
-        if layout.mode != "colocated" or layout.tp != 1:
-            raise ConfigError(f"serving.mode={layout.mode}, serving.tp={layout.tp}: the live replay runs colocated "
-                              f"instances of one GPU each (serving.mode=colocated, serving.tp=1)")
-        if self.batching.chunked_prefill:
-            raise ConfigError("serving.chunked_prefill=true (Sarathi-style mixed batches) is not run live yet: the "
-                              "replay's engine prefills whole prompts; use serving=vllm")
-        if self.kind == "serving" and tcfg["kind"] != "none":
-            raise ConfigError(f"policy '{policy.name}' only routes requests; training={tcfg['kind']} needs a "
-                              f"co-location policy")
-        if self.training_on and bool(tcfg["activation_checkpointing"]):
-            raise ConfigError("training.activation_checkpointing=true is not run live yet; set it to false "
-                              "(in the simulation too, so that both run the same work)")
-        build = {"serving": self._serving, "isolated": self._isolated, "pipelines": self._pipelines}.get(self.kind)
-        if build is None:
-            raise ConfigError(f"policy '{policy.name}' ({self.kind} layout: prefill/decode disaggregation with LoRA "
-                              f"finetuning) is not supported by the live replay yet; replay isolated, mix_*, lemix "
-                              f"or a routing policy")
-        self.system = build(layout)
+        self.system = ServingSystem(self.clock, self.cluster, run.model, plan.cost, plan, run.serving.batching,
+                                    policy, self._on_done, self.itl, make_instance=self._make_instance,
+                                    send_kv=self._send_kv)
+        if plan.kind == "pipelines":
+            self.system.entry_views = self.nodes
+            self.system.on_dispatch = self._on_dispatch
+        self._transfers: queue.Queue = queue.Queue()
+        self._mover = threading.Thread(target=self._move_kv, name="kv-mover", daemon=True)
+        self.kv_transfer_s: list[float] = []
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def now(self) -> float:
+        return self.live.now
+
     def device_of(self, gpu: int) -> torch.device:
-        """The torch device simulating cluster GPU ``gpu``: the CPU, or CUDA device ``gpu`` modulo the
+        """The torch device standing for cluster GPU ``gpu``: the CPU, or CUDA device ``gpu`` modulo the
         devices present (GPUs beyond them share a device: say so in a comparison)."""
         if self.device.type == "cpu":
             return self.device
         return torch.device("cuda", gpu % torch.cuda.device_count())
 
-    def _instance_factory(self):
-        def make(env, index, role, gpus, cost, batching, num_blocks, on_done, itl, on_prefilled):
-            return LiveInstance(env, index, role, gpus, cost, batching, num_blocks, on_done, itl, on_prefilled,
-                                live=self.live, device=self.device_of(gpus[0]))
-        return make
+    def _make_instance(self, index, role, gpus, cost, batching, num_blocks, on_done, itl, on_prefilled):
+        return LiveInstance(index, role, gpus, cost, batching, num_blocks, on_done, itl, on_prefilled,
+                            live=self.live, device=self.device_of(gpus[0]))
 
-    def _system(self, layout, cost, reserved: float = 0.0, reserved_for: str = "") -> ServingSystem:
-        self.cost = cost
-        return ServingSystem(self.env, self.cluster, self.model, cost, layout, self.batching, self.policy,
-                             self._on_done, self.itl, reserved_bytes=reserved, reserved_for=reserved_for,
-                             instance_class=self._instance_factory())
+    # ------------------------------------------------------------------ models, kernels and threads
+    def build(self) -> None:
+        """Build the real models, runners and trainers (after the checks, which cost nothing)."""
+        from simcolo.engine.model import build_model
+        from simcolo.engine.runner import ServingRunner
 
-    def _predictor(self, cost) -> SimPredictor:
-        """The policy's cost predictions: the run's tables, exactly as the simulator binds them."""
-        mode = self.cfg["costs"].get("interference", "table")
-        if mode not in ("table", "none"):
-            raise ConfigError(f"costs.interference '{mode}' is unknown; expected table or none")
-        self.interference = InterferenceTable.load(cost.directory) if mode == "table" else InterferenceTable.none()
-        slo = self.cfg["slo"]
-        tc = TrainingCosts.load(training_table_dir(self.cfg, self.gpu.name, self.model.name))
-        p = SimPredictor(cost, tc, self.interference, self.cfg["training"], float(slo["ttft_s"]), float(slo["tpot_s"]))
-        self.policy.bind(p)
-        return p
+        seed = self.run.seed
+        spec, batching = self.model, self.run.serving.batching
+        elem = torch.finfo(torch.bfloat16 if self.device.type == "cuda" else torch.float32).bits // 8
+        kv_bytes = batching.max_num_seqs * spec.max_context_len * spec.kv_bytes_per_token / spec.dtype_bytes * elem
+        budget = self.system.kv_budget.num_blocks * self.system.kv_budget.block_bytes
+        if kv_bytes > budget:
+            raise ConfigError(f"the live replay keeps each sequence's KV contiguous: serving.max_num_seqs="
+                              f"{batching.max_num_seqs} x model.max_context_len={spec.max_context_len} tokens "
+                              f"need {kv_bytes / 2**30:.1f} GiB, but the KV budget per instance is "
+                              f"{budget / 2**30:.1f} GiB; lower serving.max_num_seqs (in the simulation too)")
+        for inst in self.system.instances:
+            model = build_model(spec, device=inst.device, seed=seed)
+            self.serving_models[inst.index] = model
+            inst.runner_args = (ServingRunner(model, batching.max_num_seqs, spec.max_context_len), spec.vocab_size)
+        trainer = self.plan.trainer
+        if self.plan.kind == "pipelines":
+            self._pipelines(trainer)
+        elif isinstance(trainer, IsolatedTrainingPlan):
+            self._isolated(trainer)
+        elif isinstance(trainer, FinetunePlan):
+            self._finetune(trainer)
+        if self.training_on:
+            self.stream = TrainingStream.from_config(self.clock, self.training, seed, self._place)
 
-    def _stage_memory(self):
-        t = self.cfg["training"]
-        return full_training_stage_memory(self.model, 1, 0, self.micro_batch, self.seq_len,
-                                          float(t["state_bytes_per_param"]), False)
+    def _pipelines(self, p: NodeTrainingPlan | None) -> None:
+        from simcolo.replay.node_pipeline import LiveNodePipeline, stage_models
+
+        per_token = self.plan.prefill_s_per_token
+        interference = TableInterference(self.interference)
+        if p is None:   # serving alone, on the same layout, routed by the same policy
+            S = len(self.system.instances[0].gpus)
+            self.nodes += [Node(i, inst, NoPipeline(S), per_token) for i, inst in enumerate(self.system.instances)]
+            return
+        gate = None
+        if p.memory_threshold is not None:
+            gate = memory_gate(self.system, self.cluster, p.memory_threshold, lambda: self.live.now)
+        t = self.training
+        for inst in self.system.instances:
+            served = self.serving_models[inst.index]
+            devices = [self.device_of(g) for g in inst.gpus]
+            pipe = LiveNodePipeline(
+                inst.index, stage_models(served, p.stages, devices), devices, list(inst.gpus), self.live,
+                list(p.forward_s), list(p.backward_s), list(p.optimizer_s), list(p.activation_bytes), p.global_batch,
+                p.release, p.max_inflight, [self.cluster.gpus[g].memory for g in inst.gpus], gate,
+                self.model.vocab_size, t.seq_len, self._task_done, self._node_version,
+                serving_idle=lambda inst=inst: inst.running_kind is None)
+            inst.training_beside = lambda pipe=pipe: pipe.busy
+            self.trainers.append(pipe)
+            self.nodes.append(LiveNode(inst.index, inst, pipe, per_token, interference))
+        self.placement = TrainingPlacement(self.policy, self.nodes, self.clock)
+        self.training_parts = [self.placement]
+        self._place = self.placement.place
+
+    def _node_version(self, pipe) -> None:
+        inst = self.system.instances[pipe.index]
+        inst.model_version = pipe.version
+        t = self.training
+        self.records.add(pipe.index, pipe.version, math.nan, self.live.now, t.global_batch,
+                         t.global_batch * t.micro_batch * t.seq_len)
+
+    def _isolated(self, p: IsolatedTrainingPlan) -> None:
+        from simcolo.engine.model import build_model
+        from simcolo.engine.runner import TrainingRunner
+        from simcolo.replay.train_process import ProcessTrainingWorker, ThreadTrainingWorker
+        from simcolo.replay.trainers import LiveIsolatedTrainer
+
+        g = p.groups[0][0]
+        dev = self.device_of(g)
+        models = [self.serving_models[inst.index] for inst in self.system.instances]
+        if self._trainer_process():
+            worker = ProcessTrainingWorker(self.model, self.run.seed, self.run.replay.cpu_threads, models)
+        else:
+            worker = ThreadTrainingWorker(TrainingRunner(build_model(self.model, device=dev, seed=self.run.seed)),
+                                          dev, self.live, models, self.model.vocab_size)
+        trainer = LiveIsolatedTrainer(0, worker, dev, g, self.live, p.global_batch, self._task_done,
+                                      self.records.add, serving=list(self.system.instances), sync_every=p.sync_every)
+        trainer.predicted_s = (p.forward_s[0], p.backward_s[0], p.optimizer_s[0])
+        self.trainers = [trainer]
+        self._place = trainer.place
 
     def _trainer_process(self) -> bool:
         """``replay.isolated_trainer``: ``process`` | ``thread`` | ``auto`` (a process on the CPU, where
         threads of one interpreter would contend for the GIL as separate GPUs never do)."""
-        mode = str(self.cfg["replay"]["isolated_trainer"])
-        if mode not in ("auto", "process", "thread"):
-            raise ConfigError(f"replay.isolated_trainer={mode!r}; expected auto, process or thread")
-        if mode == "process" and self.device.type == "cuda":
-            raise ConfigError("replay.isolated_trainer=process runs on the CPU only; use thread or auto with cuda")
+        mode = self.run.replay.isolated_trainer
         return mode == "process" or (mode == "auto" and self.device.type == "cpu")
 
-    def _one_stage(self) -> None:
-        if int(self.cfg["training"]["stages"]) != 1:
-            raise ConfigError(f"training.stages={self.cfg['training']['stages']}: the live replay trains one stage "
-                              f"per replica (training.stages=1)")
+    def _finetune(self, p: FinetunePlan) -> None:
+        from simcolo.engine.runner import LoraTrainingRunner
+        from simcolo.replay.finetuner import LiveFinetuner
 
-    def _cost(self):
-        return cost_model_for(self.gpu.name, self.model.name, 1, self.cfg["costs"]["path"],
-                              self.cfg["costs"]["tables_root"])
-
-    # ------------------------------------------------------------------ layouts
-    def _serving(self, layout):
-        self.interference = InterferenceTable.none()
-        return self._system(layout, self._cost())
-
-    def _isolated(self, layout):
-        self._one_stage()
-        n, serving_gpus = len(self.cluster.gpus), int(self.cfg["policy"]["serving_gpus"])
-        if serving_gpus != n - 1:
-            raise ConfigError(f"policy.serving_gpus={serving_gpus} with {n} GPUs: the live replay trains one "
-                              f"replica on one GPU, so policy.serving_gpus must be {n - 1}")
-        system = self._system(dataclasses.replace(layout, num_instances=serving_gpus), self._cost())
-        pred = self._predictor(self.cost)
-        if not self.training_on:
-            return system
-        data = self.cfg["training"]["data"]
-        if data["kind"] == "backlog" and int(data["backlog"]) < self.global_batch:
-            raise ConfigError(f"training.data.backlog={data['backlog']} is smaller than one isolated step "
-                              f"(training.global_batch={self.global_batch} tasks): training would never start")
-        mem = self._stage_memory()
-        g = serving_gpus
-        pool = self.cluster.gpus[g].memory
-        pool.allocate("weights", mem.weights_bytes)
-        pool.allocate("train_state", mem.state_bytes)
-        self.train_groups = [[g]]
-        self._task_predicted_s = (pred.task_forward_s(1)[0], pred.task_backward_s(1)[0],
-                                  pred.stage_costs(1, "optimizer")[0])
-        self._place = lambda task: self.trainers[0].place(task)
-        self._pending_trainers = [("isolated", g)]
-        return system
-
-    def _pipelines(self, layout):
-        self._one_stage()
-        n = len(self.cluster.gpus)
-        layout = dataclasses.replace(layout, mode="colocated", tp=1, num_instances=n)
-        mem = self._stage_memory()
-        inflight = int(self.cfg["training"]["max_inflight"])
-        reserve = mem.state_bytes + inflight * mem.activation_bytes if self.training_on else 0.0
-        system = self._system(layout, self._cost(), reserve, f"training state and {inflight} tasks' activations")
-        pred = self._predictor(self.cost)
-        self._gate = None
-        if self.policy.memory_threshold is not None and self.training_on:
-            self._gate = memory_gate(system, self.cluster, float(self.policy.memory_threshold), lambda: self.live.now)
-        self._stage_s = (pred.task_forward_s(1)[0], pred.task_backward_s(1)[0])
-        self._task_predicted_s = (*self._stage_s, pred.stage_costs(1, "optimizer")[0])
-        self._activation_bytes = mem.activation_bytes
-        system.on_dispatch = self._on_dispatch
-        if self.training_on:
-            for inst in system.instances:
-                self.cluster.gpus[inst.gpus[0]].memory.allocate("train_state", mem.state_bytes)
-            self._place = lambda task: self.placement.place(task)
-        self._pending_trainers = [("node", inst.index) for inst in system.instances] if self.training_on else []
-        return system
-
-    # ------------------------------------------------------------------ models, kernels and threads
-    def build(self) -> None:
-        """Build the real models and runners (after the config checks, which cost nothing)."""
-        from calibrate.model import build_model
-        from simcolo.replay.model_runner import ServingRunner, TrainingRunner
-
-        seed = int(self.cfg["seed"])
-        spec = self.model
-        elem = torch.finfo(torch.bfloat16 if self.device.type == "cuda" else torch.float32).bits // 8
-        kv_bytes = self.batching.max_num_seqs * spec.max_context_len * spec.kv_bytes_per_token / spec.dtype_bytes * elem
-        budget = self.system.kv_budget.num_blocks * self.system.kv_budget.block_bytes
-        if kv_bytes > budget:
-            raise ConfigError(f"the live replay keeps each sequence's KV contiguous: serving.max_num_seqs="
-                              f"{self.batching.max_num_seqs} x model.max_context_len={spec.max_context_len} tokens "
-                              f"need {kv_bytes / 2**30:.1f} GiB, but the KV budget per instance is "
-                              f"{budget / 2**30:.1f} GiB; lower serving.max_num_seqs (in the simulation too)")
-        self.runners = {}
-        for inst in self.system.instances:
-            model = build_model(spec, device=inst.device, seed=seed)
-            self.serving_models[inst.index] = model
-            inst.runner_args = (ServingRunner(model, self.batching.max_num_seqs, spec.max_context_len),
-                                spec.vocab_size)
-        kw = dict(live=self.live, global_batch=self.global_batch, on_task_done=self._task_done,
-                  on_step=self.records.add)
-        for kind, where in getattr(self, "_pending_trainers", []):
-            if kind == "node":   # trains the module its node serves
-                inst = self.system.instances[where]
-                model = self.serving_models[where]
-                worker = ThreadTrainingWorker(TrainingRunner(model), inst.device, self.live, [], spec.vocab_size)
-                trainer = NodeTrainer(where, worker, inst.device, inst.gpus[0], forward_s=self._stage_s[0],
-                                      backward_s=self._stage_s[1], instance=inst,
-                                      pool=self.cluster.gpus[inst.gpus[0]].memory,
-                                      activation_bytes=self._activation_bytes, gate=self._gate, **kw)
-                inst.training_beside = lambda t=trainer: t.busy
-                self.nodes.append(LiveNode(where, inst, trainer, self.cost.prefill_s(2048, 1) / 2048,
-                                           TableInterference(self.interference)))
-            else:
-                dev = self.device_of(where)
-                models = [self.serving_models[inst.index] for inst in self.system.instances]
-                if self._trainer_process():
-                    worker = ProcessTrainingWorker(spec, seed, int(self.cfg["replay"]["cpu_threads"]), models)
-                else:
-                    worker = ThreadTrainingWorker(TrainingRunner(build_model(spec, device=dev, seed=seed)), dev,
-                                                  self.live, models, spec.vocab_size)
-                trainer = SyncTrainer(0, worker, dev, where, serving=list(self.system.instances),
-                                      sync_every=int(self.cfg["policy"]["sync_every"]), **kw)
-            trainer.predicted_s = self._task_predicted_s
-            self.trainers.append(trainer)
-        if self.kind == "pipelines":
-            self.placement = TrainingPlacement(self.policy, self.nodes, self.env)
-            if not self.nodes:   # serving alone on the layout, routed by the same policy
-                self.nodes = [Node(i, inst, _NoPipeline(), self.cost.prefill_s(2048, 1) / 2048)
-                              for i, inst in enumerate(self.system.instances)]
-            self.system.entry_views = self.nodes
-        if self.training_on:
-            self.stream = TaskStream(self.cfg["training"]["data"], self.micro_batch, self.seq_len, self.live,
-                                     self._place)
+        self.pool = SequencePool()
+        self.training_parts = [self.pool]
+        for k, i in enumerate(p.decoders):
+            inst = self.system.instances[i]
+            runner = LoraTrainingRunner(self.serving_models[i], self.training.rank, LORA_ALPHA)
+            ft = LiveFinetuner(k, inst, inst.device, inst.gpus[0], self.live, self.pool, self.policy,
+                               self.plan.predictor, runner, p.seq_len, p.global_batch, p.static_blocks,
+                               self.model.vocab_size, self._task_done,
+                               lambda v, s, e, tokens, k=k: self.records.add(k, v, s, e, p.global_batch, tokens))
+            inst.on_iteration = ft.on_iteration
+            inst.on_iteration_end = ft.on_iteration_end
+            inst.training_beside = lambda ft=ft: ft.busy
+            self.trainers.append(ft)
+        self._place = self.pool.add
 
     def warm_up(self, iterations: int) -> None:
         """First calls pay one-off costs (allocator, kernel selection); calibration discards them too."""
@@ -284,43 +253,87 @@ class LiveBackend(TrainingTally):
                 runner.prefill([(-1 - i, ids)])
                 runner.decode([-1 - i], ids[-1:])
                 runner.release(-1 - i)
+        t = self.training
         for trainer in self.trainers:
-            trainer.warm_up(iterations, self.micro_batch, self.seq_len)
+            trainer.warm_up(iterations, t.micro_batch if t is not None else 1, t.seq_len if t is not None else 64)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     def start(self) -> None:
         self.live.start()
+        self._mover.start()
         for inst in self.system.instances:
             inst.start(*inst.runner_args)
         for trainer in self.trainers:
             trainer.start()
-        if self.stream is not None:
-            with self.live.lock:
-                self.stream.start()
 
     def stop(self, timeout_s: float = 60.0) -> list[str]:
         """Stop every thread; returns the names of threads still running a kernel after ``timeout_s``."""
         self.live.stop()
+        self._transfers.put(None)
         for x in list(self.system.instances) + self.trainers:
             x.stop_and_join(timeout_s)
         for t in self.trainers:
-            t.worker.close()
-        return [x.thread.name for x in list(self.system.instances) + self.trainers if x.thread.is_alive()]
+            t.close()
+        threads = [x.thread for x in self.system.instances] + \
+            [th for t in self.trainers for th in getattr(t, "threads", [t.thread])]
+        return [th.name for th in threads if th.is_alive()]
+
+    # ------------------------------------------------------------------ KV hand-off (disaggregation)
+    def _send_kv(self, r, src, dst, link_s: float, arrived) -> None:
+        """Under the lock, in the prefill instance's thread: hand the KV copied out of ``src`` to the
+        mover thread, which copies it to ``dst``'s device and then delivers it (the copy is the transfer;
+        ``link_s`` is the simulator's estimate of it)."""
+        self._transfers.put((r, src.outbox.pop(r.id), dst, arrived))
+
+    def _move_kv(self) -> None:
+        self.live.run_guarded("KV transfer", self.device, self._mover_loop)
+
+    def _mover_loop(self) -> None:
+        live = self.live
+        while True:
+            job = self._transfers.get()
+            if job is None or live.stopped:
+                return
+            r, (k, v, tokens), dst, arrived = job
+            start = live.now
+            k, v = k.to(dst.device, copy=True), v.to(dst.device, copy=True)
+            live.synchronize(dst.device)
+            with live.lock:
+                self.kv_transfer_s.append(live.now - start)
+                dst.inbox[r.id] = (k, v, tokens)
+                arrived()
 
     # ------------------------------------------------------------------ callbacks (under the lock)
     def _on_done(self, r) -> None:
         self.sink(r)
+        self.on_request_finished(r)
         self.on_request_done()
 
     def on_request_done(self) -> None:
         """Set by the replay loop (wakes it); a no-op until then."""
 
-    def _on_dispatch(self, r, inst) -> None:
-        self.nodes[inst.index].placed(self.live.now, r.prompt_tokens, False)
+    # ------------------------------------------------------------------ what the summary reads
+    def _busy_by_gpu(self) -> tuple[list[float], list[float]]:
+        n = len(self.cluster.gpus)
+        train = [0.0] * n
+        for t in self.trainers:
+            for g, s in t.busy_by_gpu().items():
+                train[g] += s
+        busy = list(train)
+        for inst in self.system.instances:
+            for g in inst.gpus:
+                busy[g] += inst.busy_s
+        return busy, train
 
+    def gpu_busy_s(self) -> list[float]:
+        """Serving iterations plus training kernels per GPU (they may overlap: a GPU shared by both is
+        counted as busy for each; capped at the run's length by the summary's reader)."""
+        return self._busy_by_gpu()[0]
 
-    # ------------------------------------------------------------------ results
+    def train_busy_s(self) -> list[float]:
+        return self._busy_by_gpu()[1]
+
     ITERATION_COLUMNS = ("instance", "prefill_seqs", "prefill_tokens", "decode_seqs", "kv_tokens", "start_s",
                          "end_s", "predicted_s", "training_beside")
 
@@ -340,47 +353,17 @@ class LiveBackend(TrainingTally):
         interference table's slowdown; training counts only work that ran with serving idle."""
         df = self.iterations_frame()
         out = {}
+        beside_kind = "lora" if self.layout == "finetune" else "train"
         for kind, rows in (("prefill", df[df.prefill_seqs > 0]), ("decode", df[df.prefill_seqs == 0])):
-            slowdown = self.interference.slowdown(kind, "train", None)[0] if rows.training_beside.any() else 1.0
+            slowdown = self.interference.slowdown(kind, beside_kind, None)[0] if rows.training_beside.any() else 1.0
             pred = (rows.predicted_s * rows.training_beside.map({True: slowdown, False: 1.0})).sum()
             out[f"replay_{kind}_time_over_table"] = float((rows.end_s - rows.start_s).sum() / pred) if pred > 0 \
                 else math.nan
         pred = sum(t.solo_s[1] for t in self.trainers)
         if pred > 0:
             out["replay_train_time_over_table"] = sum(t.solo_s[0] for t in self.trainers) / pred
-        return out
-
-    def training_frame(self):
-        import pandas as pd
-
-        if not self.training_on:
-            return None
-        df = pd.DataFrame(self.records.rows, columns=list(TrainingRecords.COLUMNS))
-        return df.astype({"trainer": "int64", "version": "int64", "start_s": "float64", "end_s": "float64",
-                          "tasks": "int64", "tokens": "int64"})
-
-    def training_summary(self, duration_s: float) -> dict:
-        """The simulator's training metrics that a replay measures (same names)."""
-        if not self.training_on:
-            return {"training_kind": "none", "layout": self.kind}
-        d = duration_s
-        out = {"training_kind": str(self.cfg["training"]["kind"]), "layout": self.kind,
-               "train_tasks_done": self.tasks_done, "train_tokens_per_s": self.tokens_done / d if d > 0 else math.nan,
-               "train_samples_per_s": self.tasks_done * self.micro_batch / d if d > 0 else math.nan,
-               "optimizer_steps": len(self.records.rows), "train_tasks_created": self.stream.created}
-        finished = self.sink.status_is("finished")
-        versions = self.sink.column("model_version")[finished]
-        out["inference_loss_mean"] = float(self.learning_curve.loss(versions).mean()) if versions.size else math.nan
-        out["model_version_mean"] = float(versions.mean()) if versions.size else math.nan
-        out["train_busy_frac_mean"] = float(np.mean([t.train_busy_s for t in self.trainers])) / d if d > 0 else math.nan
-        if self.kind == "pipelines":
-            out["train_deferred_tasks"] = len(self.placement.deferred)
-            out["train_queued_tasks"] = sum(t.queued for t in self.trainers)
-        else:
-            t = self.trainers[0]
-            out["weight_syncs"] = t.syncs
-            out["weight_sync_mean_s"] = float(np.mean(t.sync_s)) if t.sync_s else math.nan
-            out["train_queued_tasks"] = t.queued
+        if self.kv_transfer_s:
+            out["replay_kv_transfer_mean_s"] = float(np.mean(self.kv_transfer_s))
         return out
 
 
@@ -399,9 +382,3 @@ class LiveNode(Node):
             return 1.0
         return self._interference.rates([kind, "train_forward"])[0]
 
-
-class _NoPipeline:
-    S = 1
-
-    def stage_backlog_s(self, stage: int) -> float:
-        return 0.0

@@ -21,9 +21,8 @@ from simcolo.serving.batch_scheduler import BatchScheduler
 
 
 class LiveInstance(BatchScheduler):
-    def __init__(self, env, index, role, gpus, cost, cfg, num_blocks, on_done, itl, on_prefilled=None, *,
+    def __init__(self, index, role, gpus, cost, cfg, num_blocks, on_done, itl, on_prefilled=None, *,
                  live, device: torch.device):
-        # ``env`` (the simulator's) is not used: the clock is ``live.now``
         super().__init__(index, role, gpus, cost, cfg, num_blocks, on_done, itl, on_prefilled)
         self.live, self.device = live, device
         self.runner = None                   # a ServingRunner, set before start()
@@ -36,6 +35,14 @@ class LiveInstance(BatchScheduler):
         self.iteration_log: list[tuple] = []
         self.training_beside = lambda: False   # a co-located trainer is running a kernel (set by the backend)
         self.running_kind: str | None = None   # what its kernels run now: "prefill", "decode" or None
+        #: called under the lock as an iteration starts, with (instance, kind), and as it ends, with
+        #: (instance, kind, start_s, end_s): a finetuner on a decode instance re-plans and paces itself there
+        self.on_iteration = None
+        self.on_iteration_end = None
+        #: prefill/decode disaggregation: KV caches (k, v, tokens so far) copied out after a prefill (outbox,
+        #: by request id, until the backend sends them) and received from a prefill instance (inbox)
+        self.outbox: dict[int, tuple] = {}
+        self.inbox: dict[int, tuple] = {}
         self.thread = threading.Thread(target=self._main, name=f"serving-{index}", daemon=True)
 
     def start(self, runner, vocab_size: int) -> None:
@@ -64,15 +71,19 @@ class LiveInstance(BatchScheduler):
                 if live.stopped:
                     return
                 predicted, chunks, decodes = plan
-                self.running_kind = "prefill" if chunks else "decode"
+                kind = self.running_kind = "prefill" if chunks else "decode"
+                if self.on_iteration is not None:
+                    self.on_iteration(self, kind)
                 shape = (len(chunks), sum(c for _, c in chunks), len(decodes), self.kv_total if decodes else 0)
                 beside = self.training_beside()
                 start = live.now
                 active = {r.id for r in self.running}
                 active.update(r.id for r in self.prefilling)
-                prompts = [(r.id, self._prompt_ids(r)) for r, _ in chunks]
+                # (key, the chunk's token ids, its offset in the prompt, True if it completes the prompt)
+                prompts = [(r.id, *self._chunk_ids(r, c)) for r, c in chunks]
                 decode_ids = [r.id for r in decodes]
-            self._run_kernels(active, prompts, decode_ids)
+                arrived = [(r.id, self.inbox.pop(r.id)) for r in decodes if r.id in self.inbox]
+            self._run_kernels(active, prompts, decode_ids, arrived)
             with self._cond:
                 end = live.now
                 self.busy_s += end - start
@@ -80,23 +91,46 @@ class LiveInstance(BatchScheduler):
                 self.iteration_log.append((self.index, *shape, start, end, predicted,
                                            beside or self.training_beside()))
                 self.complete_iteration(plan, end)
+                if self.on_iteration_end is not None:
+                    self.on_iteration_end(self, kind, start, end)
 
-    def _run_kernels(self, active: set[int], prompts: list, decode_ids: list[int]) -> None:
+    def _run_kernels(self, active: set[int], prompts: list, decode_ids: list[int], arrived: list) -> None:
         runner = self.runner
-        for key in [k for k in runner.keys() if k not in active]:   # finished or preempted
-            runner.release(key)
         tokens = self._tokens
-        if prompts:
-            out = runner.prefill(prompts).tolist()
-            for (key, _), t in zip(prompts, out):
-                tokens.setdefault(key, []).append(t)
+        for key in [k for k in runner.keys() if k not in active]:   # finished, preempted or handed off
+            runner.release(key)
+        for key in [k for k in self.outbox if k not in active]:    # finished at its prefill: not sent
+            del self.outbox[key]
+        for key, (k, v, generated) in arrived:     # KV moved here from a prefill instance
+            runner.import_sequence(key, k, v)
+            tokens[key] = generated
+        for key, _, offset, _ in prompts:
+            if offset == 0 and key in runner.keys():   # preempted and re-admitted in one plan: recompute
+                runner.release(key)
+        prefill_out = decode_out = ()
         if decode_ids:
             last = torch.tensor([tokens[k][-1] for k in decode_ids], dtype=torch.long, device=self.device)
-            out = runner.decode(decode_ids, last).tolist()
-            for key, t in zip(decode_ids, out):
-                tokens[key].append(t)
+            items = [(key, ids) for key, ids, _, _ in prompts]
+            prefill_out, decode_out = runner.mixed(items, decode_ids, last)
+        elif prompts:
+            prefill_out = runner.prefill([(key, ids) for key, ids, _, _ in prompts])
+        for (key, _, _, completes), t in zip(prompts, prefill_out.tolist() if len(prefill_out) else []):
+            if completes:
+                tokens.setdefault(key, []).append(t)
+                if self.role == "prefill":      # its KV leaves this instance: copy it out before release
+                    self.outbox[key] = (*runner.export(key), list(tokens[key]))
+        for key, t in zip(decode_ids, decode_out.tolist() if len(decode_out) else []):
+            tokens[key].append(t)
         for key in [k for k in tokens if k not in active]:
             del tokens[key]
+
+    def _chunk_ids(self, r, chunk: int) -> tuple[torch.Tensor, int, bool]:
+        """The next ``chunk`` prompt tokens of ``r`` (chunked prefill continues where the last chunk ended),
+        their offset, and whether they complete the prompt (then the first token comes out)."""
+        offset = r.prefill_done
+        target = r.prompt_tokens + r.generated
+        ids = self._prompt_ids(r)
+        return ids[offset:offset + chunk], offset, offset + chunk == target
 
     def _prompt_ids(self, r) -> torch.Tensor:
         """The prompt (random, seeded by the request id) plus the tokens generated before a preemption

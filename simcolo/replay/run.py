@@ -9,6 +9,7 @@ rest of the trace with ``not_replayed``, and :class:`ReplayFailed` is raised nam
 """
 from __future__ import annotations
 
+import math
 import platform
 import sys
 import time
@@ -17,14 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simcolo.errors import SimcoloError
+from simcolo.config.run import RunConfig
+from simcolo.errors import ConfigError, SimcoloError
+from simcolo.hardware.cluster import Topology
+from simcolo.layout.plan import plan_layout
+from simcolo.metrics.outputs import RunResult, run_summary, write_outputs
 from simcolo.metrics.records import RequestSink
-from simcolo.metrics.summary import serving_summary
-from simcolo.metrics.training_summary import slo_multiples
 from simcolo.policies import make_policy
 from simcolo.replay.backend import LiveBackend, torch_device
 from simcolo.replay.timeline import LiveTimeline
-from simcolo.simulate import RunResult, _cluster_summary, write_outputs
 from simcolo.workload import build_workload
 
 
@@ -36,46 +38,47 @@ class ReplayFailed(SimcoloError):
 
 def replay(cfg, out_dir: str | Path | None = None) -> RunResult:
     """Run the live replay described by ``cfg`` (the composed Hydra config with ``device`` and
-    ``replay`` keys) and write ``requests.parquet``, ``training.parquet``, ``gpus.parquet``,
-    ``summary.json`` and ``plots/`` to ``out_dir`` (the same files as a simulation)."""
+    ``replay`` keys, or its ``RunConfig``) and write ``requests.parquet``, ``training.parquet``,
+    ``gpus.parquet``, ``summary.json`` and ``plots/`` to ``out_dir`` (the same files as a simulation)."""
     wall0 = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else None
-    rcfg = cfg["replay"]
-    device = torch_device(str(cfg["device"]))
+    run = cfg if isinstance(cfg, RunConfig) else RunConfig.from_cfg(cfg)
+    if run.replay is None:
+        raise ConfigError("the replay needs its keys (device, replay.*): load the config named 'replay'")
+    device = torch_device(run.replay.device)
     if device.type == "cpu":
-        torch.set_num_threads(int(rcfg["cpu_threads"]))
+        torch.set_num_threads(run.replay.cpu_threads)
     # A thread waiting for the GIL (an arrival due, a co-located trainer) gets it within the holder's
     # switch interval; the CPU interference table is measured with Python's default (0.005 s).
     switch = sys.getswitchinterval()
-    if rcfg["gil_switch_interval_s"] is not None:
-        sys.setswitchinterval(float(rcfg["gil_switch_interval_s"]))
+    if run.replay.gil_switch_interval_s is not None:
+        sys.setswitchinterval(run.replay.gil_switch_interval_s)
     try:
-        return _replay(cfg, out_dir, device, wall0)
+        return _replay(run, out_dir, device, wall0)
     finally:
         sys.setswitchinterval(switch)
 
 
-def _replay(cfg, out_dir: Path | None, device: torch.device, wall0: float) -> RunResult:
-    rcfg = cfg["replay"]
-    seed = int(cfg["seed"])
+def _replay(run: RunConfig, out_dir: Path | None, device: torch.device, wall0: float) -> RunResult:
+    seed = run.seed
     torch.manual_seed(seed)
-    policy = make_policy(cfg["policy"], np.random.default_rng([seed, 2]))
+    policy = make_policy(run.policy, np.random.default_rng([seed, 2]))
     sink = RequestSink(out_dir / "requests.parquet" if out_dir else None)
     try:
-        backend = LiveBackend(cfg, policy, sink, device)
-        workload = build_workload(cfg["workload"], max_context_len=backend.model.max_context_len,
+        plan = plan_layout(run, policy, Topology.from_config(run.gpu, run.cluster))
+        backend = LiveBackend(run, policy, plan, sink, device)
+        workload = build_workload(run.workload, max_context_len=run.model.max_context_len,
                                   rng=np.random.default_rng(seed))
         backend.build()
-        backend.warm_up(int(rcfg["warmup_iterations"]))
+        backend.warm_up(run.replay.warmup_iterations)
     except BaseException:
         sink.abandon()
         raise
-    live, system = backend.live, backend.system
-    timeline = LiveTimeline(backend, float(cfg["metrics"]["timeline_interval_s"]))
-    wake = live.condition()
+    live, system, clock = backend.live, backend.system, backend.clock
+    timeline = LiveTimeline(backend, run.metrics.timeline_interval_s)
+    wake = clock.wake = live.condition()
     backend.on_request_done = wake.notify
-    max_time = cfg["sim"]["max_time_s"]
-    max_time = float("inf") if max_time is None else float(max_time)
+    max_time = math.inf if run.sim.max_time_s is None else run.sim.max_time_s
     requests = iter(workload)
     backend.start()
     try:
@@ -84,15 +87,18 @@ def _replay(cfg, out_dir: Path | None, device: torch.device, wall0: float) -> Ru
             while not live.stopped:
                 now = live.now
                 timeline.sample_due(now)
+                clock.run_due(now)
                 if now >= max_time:
                     break
                 if r is not None and r.arrival_s <= now:
+                    backend.on_request_arrival()
                     system.dispatch(r)
                     r = next(requests, None)
                     continue
                 if r is None and system.done == system.arrived:
                     break
-                due = min(timeline.next_s, max_time, r.arrival_s if r is not None else now + 1.0)
+                due = min(timeline.next_s, max_time, clock.next_due(),
+                          r.arrival_s if r is not None else now + 1.0)
                 wake.wait(max(0.0, due - now))
         pending = r
         end_s = live.now
@@ -112,26 +118,18 @@ def _replay(cfg, out_dir: Path | None, device: torch.device, wall0: float) -> Ru
         backend.stop(5.0)
         sink.close()
         raise
-    summary = serving_summary(sink, backend.itl, float(cfg["slo"]["ttft_s"]), float(cfg["slo"]["tpot_s"]))
-    summary.update(_cluster_summary(system, summary["duration_s"]))
-    summary.update({f"status_{k}": v for k, v in sorted(sink.status_counts.items())})
-    summary.update(slo_multiples(sink, backend.cost))
-    summary.update(backend.training_summary(summary["duration_s"]))
+    summary = run_summary(run, backend, sink, backend.itl, workload)
     summary.update(backend.kernel_time_ratios())
-    summary.update(workload.stats.as_dict())
-    summary.update({"cost_source": backend.cost.metadata.get("source", "unknown"),
-                    "policy": cfg["policy"]["name"], "model": backend.model.name, "gpu": backend.gpu.name,
-                    "seed": seed, "backend": "replay", "replay_device": _device_text(device),
+    summary.update({"backend": "replay", "replay_device": _device_text(device),
                     "replay_torch": torch.__version__, "replay_host": platform.node(),
                     "replay_wall_s": time.perf_counter() - wall0, "replay_end_s": end_s,
                     "replay_failed": live.failure or "", "replay_threads_still_running": ", ".join(stuck)})
-    frame = timeline.frame()
-    training = backend.training_frame()
-    result = RunResult(summary, sink, frame, system, time.perf_counter() - wall0, out_dir, training=training,
-                       colocation=backend)
+    result = RunResult(summary, sink, timeline.frame(), system, time.perf_counter() - wall0, out_dir,
+                       training=backend.training_frame(), backend=backend)
     if out_dir is not None:
-        result.plots = write_outputs(out_dir, cfg, result, f"({backend.model.name}, {cfg['policy']['name']}, "
-                                     f"replay on {device})", {"iterations": backend.iterations_frame()})
+        result.plots = write_outputs(out_dir, run.metrics.plots, result,
+                                     f"({run.model.name}, {run.policy_name}, replay on {device})",
+                                     {"iterations": backend.iterations_frame()})
     if live.failure:
         where = f"; records so far are in {out_dir}" if out_dir is not None else ""
         raise ReplayFailed(f"replay stopped: {live.failure}{where}") from live.failure_exc

@@ -36,16 +36,16 @@ class LiveTimeline:
         b = self.backend
         cols = self._cols
         block_bytes = b.system.kv_budget.block_bytes
-        train_busy = {}
+        train_busy: dict[int, float] = {}
         for t in b.trainers:
-            g = t.gpu
-            train_busy[g] = train_busy.get(g, 0.0) + t.train_busy_s
+            for g, busy in t.busy_by_gpu().items():
+                train_busy[g] = train_busy.get(g, 0.0) + busy
         rows = []
         for inst in b.system.instances:
             used = inst.kv_blocks_used(now)
-            g = inst.gpus[0]
-            rows.append((g, inst.index, len(inst.waiting), len(inst.running) + len(inst.prefilling), used,
-                         used * block_bytes, inst.busy_s + train_busy.pop(g, 0.0)))
+            for g in inst.gpus:
+                rows.append((g, inst.index, len(inst.waiting), len(inst.running) + len(inst.prefilling), used,
+                             used * block_bytes, inst.busy_s + train_busy.pop(g, 0.0)))
         for g, busy in train_busy.items():
             rows.append((g, -1, 0, 0, 0, 0.0, busy))
         dt = now - self._last_s
@@ -54,7 +54,8 @@ class LiveTimeline:
             dev = b.device_of(g)
             static = mem.used - mem.by_use.get("kv_cache", 0.0)
             used_bytes = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else static + kv_bytes
-            train = mem.by_use.get("train_state", 0.0) + mem.by_use.get("train_activations", 0.0)
+            train = mem.by_use.get("train_state", 0.0) + mem.by_use.get("train_activations", 0.0) \
+                + mem.by_use.get("lora_state", 0.0)
             util = (busy - self._last_busy.get(g, 0.0)) / dt if dt > 0 else 0.0
             self._last_busy[g] = busy
             for key, value in (("time_s", now), ("gpu", g), ("instance", index), ("waiting", waiting),

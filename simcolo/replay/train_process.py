@@ -22,8 +22,8 @@ def _task_ids(index: int, task_id: int, vocab: int, micro_batch: int, seq_len: i
 
 def _child(conn, spec_fields: dict, seed: int, threads: int, serving_params: list[list[torch.Tensor]]) -> None:
     try:
-        from calibrate.model import build_model
-        from simcolo.replay.model_runner import TrainingRunner
+        from simcolo.engine.model import build_model
+        from simcolo.engine.runner import TrainingRunner
         from simcolo.specs import ModelSpec
 
         torch.set_num_threads(threads)

@@ -1,54 +1,22 @@
-"""Live training: real forward, backward and AdamW steps of the model, each trainer in its own thread
-(its own CUDA stream), fed by a closed-loop task stream.
+"""Live isolated training: real forward, backward and AdamW steps of the model on the training GPU, in its
+own thread (its own CUDA stream) or, on the CPU, a child process (``train_process``).
 
-* :class:`NodeTrainer` — co-located (``pipelines`` layout, one stage per node): trains the very module the
-  node's serving instance serves (LeMix: the serving replica is the training replica), so each optimizer
-  step is served at once; tasks run in placement order, each forward + backward, an optimizer step
-  every ``global_batch`` tasks; a forward waits for the policy's memory gate, as in the simulator.
-* :class:`SyncTrainer` — isolated: its own replica on its own GPU; a step = ``global_batch`` tasks +
-  the optimizer; every ``sync_every`` steps the weights are copied into every serving replica (a real
-  device-to-device copy) and the replicas serve the new version from then on.
+:class:`LiveIsolatedTrainer` has its own replica on its own GPU; a step = ``global_batch`` tasks + the
+optimizer; every ``sync_every`` steps the weights are copied into every serving replica (a real
+device-to-device copy) and the replicas serve the new version from then on. (Co-located pipelines are
+``replay.node_pipeline``; LoRA finetuning on decode instances is ``replay.finetuner``.)
 
 A task's tokens are random (seeded by the task id): training throughput does not depend on the data.
 """
 from __future__ import annotations
 
-import math
 import threading
 from collections import deque
 
 import torch
 
-from simcolo.errors import ConfigError
+from simcolo.metrics.training_summary import TrainerReport
 from simcolo.training.data import TrainTask
-
-
-class TaskStream:
-    """``training.data.kind=backlog``: ``backlog`` tasks outstanding at all times (the live backend
-    supports only this closed loop; the simulator's other kinds need a clock-driven generator)."""
-
-    def __init__(self, cfg, micro_batch: int, seq_len: int, live, place):
-        if cfg["kind"] != "backlog":
-            raise ConfigError(f"training.data.kind='{cfg['kind']}': the live replay supports only 'backlog'")
-        self.backlog = int(cfg["backlog"])
-        if self.backlog < 1:
-            raise ConfigError(f"training.data.backlog must be >= 1 in a replay, got {self.backlog}")
-        self.micro_batch, self.seq_len, self.live, self.place = micro_batch, seq_len, live, place
-        self.created = 0
-        self.completed = 0
-
-    def start(self) -> None:
-        for _ in range(self.backlog):
-            self._new()
-
-    def _new(self) -> None:
-        task = TrainTask(self.created, self.live.now, self.micro_batch, self.seq_len)
-        self.created += 1
-        self.place(task)
-
-    def task_done(self, task: TrainTask) -> None:
-        self.completed += 1
-        self._new()
 
 
 class LiveTrainer:
@@ -98,75 +66,16 @@ class LiveTrainer:
     def _train(self) -> None:
         raise NotImplementedError
 
+    def busy_by_gpu(self) -> dict[int, float]:
+        return {self.gpu: self.train_busy_s}
 
-class NodeTrainer(LiveTrainer):
-    """The training side of a co-located node (one stage): implements what ``colocation.nodes.Node``
-    reads of a pipeline (``S``, ``stage_backlog_s``)."""
-
-    S = 1
-
-    def __init__(self, *args, forward_s: float, backward_s: float, instance, pool, activation_bytes: float,
-                 gate=None, **kw):
-        super().__init__(*args, **kw)
-        self.f, self.b = forward_s, backward_s
-        self.instance, self.pool, self.activation_bytes = instance, pool, activation_bytes
-        self.gate = gate
-        self._running_since: float | None = None   # the running task's start (for the backlog)
-        self.busy = False                          # a kernel (task or optimizer step) is running
-
-    def stage_backlog_s(self, stage: int) -> float:
-        """Predicted solo seconds of training work placed here and not yet done (the running task's
-        remaining part estimated from its predicted duration)."""
-        left = 0.0
-        if self._running_since is not None:
-            left = max(0.0, self.f + self.b - (self.live.now - self._running_since))
-        return left + len(self.queue) * (self.f + self.b)
-
-    def _ready(self) -> bool:
-        return bool(self.queue) and (self.gate is None or self.gate(self.gpu, self.activation_bytes))
-
-    def _train(self) -> None:
-        live = self.live
-        while True:
-            with self._cond:
-                while not live.stopped and not self._ready():
-                    # the memory gate opens as serving frees KV blocks, which nobody signals: poll it
-                    self._cond.wait(0.005 if self.queue else None)
-                if live.stopped:
-                    return
-                task = self.queue.popleft()
-                task.start_s = self._running_since = live.now
-                self.busy = True
-                alone, iterations_before = self.instance.running_kind is None, self.instance.iterations
-                self.pool.allocate("train_activations", self.activation_bytes)
-            self.worker.step(self.index, [task], False)
-            with self._cond:
-                end = live.now
-                self.train_busy_s += end - task.start_s
-                if alone and self.instance.running_kind is None and self.instance.iterations == iterations_before:
-                    self.solo_s[0] += end - task.start_s
-                    self.solo_s[1] += self.predicted_s[0] + self.predicted_s[1]
-                self.pool.release("train_activations", self.activation_bytes)
-                self._running_since = None
-                self.busy = step_due = (self.tasks_done + 1) % self.global_batch == 0
-                task.finish_s = end
-                self.tasks_done += 1
-                self.on_task_done(task)
-            if step_due:
-                start = live.now
-                self.worker.step(self.index, [], True)
-                with self._cond:
-                    end = live.now
-                    self.busy = False
-                    self.train_busy_s += end - start
-                    self.version += 1
-                    self.instance.model_version = self.version
-                    self.on_step(self.index, self.version, math.nan, end, self.global_batch,
-                                 self.global_batch * task.tokens)
+    def close(self) -> None:
+        self.worker.close()
 
 
-class SyncTrainer(LiveTrainer):
-    """Isolated training on its own GPU (one stage, one replica) with weight syncs to serving."""
+class LiveIsolatedTrainer(LiveTrainer):
+    """Isolated training on its own GPU (one stage, one replica) with weight syncs to serving: the live
+    twin of ``training.sync_trainer.SyncTrainer`` for one replica of one stage."""
 
     def __init__(self, *args, serving: list, sync_every: int, **kw):
         super().__init__(*args, **kw)
@@ -174,6 +83,12 @@ class SyncTrainer(LiveTrainer):
         self.sync_every = sync_every
         self.syncs = 0
         self.sync_s: list[float] = []
+        self.sequences_done = 0
+        self.tokens_done = 0
+
+    def report(self) -> TrainerReport:
+        return TrainerReport(self.sequences_done, self.tokens_done,
+                             counters={"train_queued_tasks": self.queued, "weight_syncs": self.syncs})
 
     def _train(self) -> None:
         live = self.live
@@ -198,6 +113,8 @@ class SyncTrainer(LiveTrainer):
                 for t in tasks:
                     t.finish_s = end
                     self.tasks_done += 1
+                    self.sequences_done += t.micro_batch
+                    self.tokens_done += t.tokens
                     self.on_task_done(t)
                 self.on_step(self.index, self.version, start, end, len(tasks), sum(t.tokens for t in tasks))
                 sync = self.version % self.sync_every == 0
