@@ -124,14 +124,12 @@ def test_a_kernel_failure_stops_the_replay_and_keeps_every_record(cpu_calibratio
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["policy=harli", "training=lora", "training.activation_checkpointing=false"], r"harli.*not supported by the live replay"),
-    (["policy=lemix", "training.stages=2", "cluster=cpu2", "training.activation_checkpointing=false"],
-     r"training.stages=2: the live replay trains one stage"),
     (["policy=lemix", "training.stages=1"], r"activation_checkpointing=true is not run live"),
     (["policy=isolated", "cluster=h100x4", "training.stages=1", "training.activation_checkpointing=false"],
-     r"policy.serving_gpus=4 with 4 GPUs.*must be 3"),
-    (["serving.tp=2", "cluster=cpu2"], r"serving.tp=2.*tp=1"),
-    (["serving=sarathi"], r"serving.chunked_prefill=true .* not run live yet"),
+     r"policy.serving_gpus=4, training.stages=1 with 4 GPUs: the live replay trains one isolated replica.*=3\)"),
+    (["policy=isolated", "cluster=h100x4", "policy.serving_gpus=2", "training.stages=2",
+      "training.activation_checkpointing=false"], r"trains one isolated replica on one GPU"),
+    (["serving.tp=2", "cluster=cpu2"], r"serving.tp=2: tensor parallelism is not run live"),
     (["device=tpu"], r"device='tpu'; expected cpu or cuda"),
     (["policy=isolated", "cluster=cpu2", "policy.serving_gpus=1", *TRAIN, "training.data.backlog=1"],
      r"training.data.backlog=1 is smaller than one isolated step"),

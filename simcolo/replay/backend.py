@@ -78,28 +78,26 @@ class LiveClock:
             heapq.heappop(self._timers)[2]()
 
 
-def check_live(run, plan) -> None:
-    """Refuse, naming the key, what the live replay cannot run."""
-    layout = plan.serving
-    if plan.kind in ("serving", "isolated") and layout.tp != 1:
-        raise ConfigError(f"serving.tp={layout.tp}: tensor parallelism is not run live; the replay serves each "
+def check_live(run, policy) -> None:
+    """Refuse, naming the key, what the live replay cannot run (before anything is planned or loaded)."""
+    tp = run.serving.layout.tp
+    if policy.layout in ("serving", "isolated") and tp != 1:
+        raise ConfigError(f"serving.tp={tp}: tensor parallelism is not run live; the replay serves each "
                           f"replica on one device (serving.tp=1)")
-    t = plan.training
+    t = run.training
     if t is not None and t.activation_checkpointing:
         raise ConfigError("training.activation_checkpointing=true is not run live yet; set it to false "
                           "(in the simulation too, so that both run the same work)")
-    if isinstance(plan.trainer, IsolatedTrainingPlan):
-        if len(plan.trainer.groups) != 1 or len(plan.trainer.groups[0]) != 1:
-            n = sum(len(g) for g in plan.trainer.groups) + len(plan.instances)
-            raise ConfigError(f"policy.serving_gpus={run.policy['serving_gpus']}, training.stages={run.node_stages} "
-                              f"with {n} GPUs: the live replay trains one isolated replica on one GPU "
-                              f"(training.stages=1, policy.serving_gpus = GPUs - 1)")
+    n = run.cluster.num_gpus
+    if policy.layout == "isolated" and t is not None and (run.node_stages != 1 or policy.serving_gpus != n - 1):
+        raise ConfigError(f"policy.serving_gpus={policy.serving_gpus}, training.stages={run.node_stages} with {n} "
+                          f"GPUs: the live replay trains one isolated replica on one GPU (training.stages=1, "
+                          f"policy.serving_gpus={n - 1})")
 
 
 class LiveBackend(Backend):
     def __init__(self, run, policy, plan, sink, device: torch.device):
         super().__init__(run, policy, plan)
-        check_live(run, plan)
         self.sink, self.device = sink, device
         self.live = LiveContext(str(device))
         self.env = self.clock = LiveClock(self.live)
@@ -183,7 +181,8 @@ class LiveBackend(Backend):
                 list(p.forward_s), list(p.backward_s), list(p.optimizer_s), list(p.activation_bytes), p.global_batch,
                 p.release, p.max_inflight, [self.cluster.gpus[g].memory for g in inst.gpus], gate,
                 self.model.vocab_size, t.seq_len, self._task_done, self._node_version,
-                serving_idle=lambda inst=inst: inst.running_kind is None)
+                serving_idle=lambda inst=inst: inst.running_kind is None,
+                serving_iterations=lambda inst=inst: inst.iterations)
             inst.training_beside = lambda pipe=pipe: pipe.busy
             self.trainers.append(pipe)
             self.nodes.append(LiveNode(inst.index, inst, pipe, per_token, interference))

@@ -141,6 +141,15 @@ def task_tokens(index: int, task_id: int, vocab: int, micro_batch: int, seq_len:
     return torch.randint(vocab, (micro_batch, seq_len), generator=gen)
 
 
+def _receive(x: Tensor, device: torch.device) -> Tensor:
+    """A tensor another stage's thread made (its kernels done), on ``device``. On CUDA the tensor's block
+    belongs to the sender's stream: record that this thread's stream reads it (or copies it), so the
+    allocator does not hand it out again while that is in flight."""
+    if x.is_cuda:
+        x.record_stream(torch.cuda.current_stream(x.device))
+    return x.to(device)
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
 class LiveNodePipeline:
     """The training side of a live co-located node: S stage threads over ``stage_models`` (see the module
@@ -173,7 +182,8 @@ class LiveNodePipeline:
         self.stage_models = list(stage_models)
         self.devices = [_canonical(d) for d in devices]
         self.gpus = list(gpus)
-        self.f, self.b, self.opt, self.act = list(forward_s), list(backward_s), list(optimizer_s), list(activation_bytes)
+        self.f, self.b, self.opt = list(forward_s), list(backward_s), list(optimizer_s)
+        self.act = list(activation_bytes)
         self.global_batch, self.release, self.max_inflight = global_batch, release, max_inflight
         self.pools, self.gate, self.gate_poll_s = list(pools), gate, gate_poll_s
         self.vocab_size, self.seq_len = vocab_size, seq_len
@@ -449,7 +459,7 @@ class LiveNodePipeline:
             ids = task_tokens(self.index, task.id, self.vocab_size, task.micro_batch, task.seq_len)
             inp, h = None, model(ids.to(dev))
         else:
-            inp = x.to(dev).detach().requires_grad_(True)
+            inp = _receive(x, dev).detach().requires_grad_(True)
             h = model(inp)
         if s == self.S - 1:
             ids = task_tokens(self.index, task.id, self.vocab_size, task.micro_batch, task.seq_len)
@@ -464,7 +474,7 @@ class LiveNodePipeline:
         if s == self.S - 1:
             out.backward()
         else:
-            out.backward(grad.to(self.devices[s]))
+            out.backward(_receive(grad, self.devices[s]))
         return None if inp is None else inp.grad
 
     def _optimizer_step(self, s: int) -> None:
@@ -482,6 +492,8 @@ class LiveNodePipeline:
             with torch.no_grad():
                 for src, dst in pairs:
                     dst.data.copy_(src.data, non_blocking=True)
+            for dev in {dst.device for _, dst in pairs}:   # the version is served once the copy is in
+                self.live.synchronize(dev)
 
     # ------------------------------------------------------------------ warm-up
     def warm_up(self, iterations: int, micro_batch: int, seq_len: int) -> None:

@@ -25,7 +25,7 @@ from simcolo.layout.plan import plan_layout
 from simcolo.metrics.outputs import RunResult, run_summary, write_outputs
 from simcolo.metrics.records import RequestSink
 from simcolo.policies import make_policy
-from simcolo.replay.backend import LiveBackend, torch_device
+from simcolo.replay.backend import LiveBackend, check_live, torch_device
 from simcolo.replay.timeline import LiveTimeline
 from simcolo.workload import build_workload
 
@@ -65,6 +65,7 @@ def _replay(run: RunConfig, out_dir: Path | None, device: torch.device, wall0: f
     policy = make_policy(run.policy, np.random.default_rng([seed, 2]))
     sink = RequestSink(out_dir / "requests.parquet" if out_dir else None)
     try:
+        check_live(run, policy)
         plan = plan_layout(run, policy, Topology.from_config(run.gpu, run.cluster))
         backend = LiveBackend(run, policy, plan, sink, device)
         workload = build_workload(run.workload, max_context_len=run.model.max_context_len,
