@@ -25,7 +25,8 @@ CASES = {
     "mix_luf": ["policy=mix_luf", *FULL],
     "mix_random": ["policy=mix_random", *FULL],
     "lemix": ["policy=lemix", *FULL],
-    "lemix_2_stages": ["policy=lemix", *FULL, "training.stages=2"],
+    # a node of two "GPUs" serves with tp=2 tables: the CPU calibration has tp=1 only, so roofline tables
+    "lemix_2_stages": ["policy=lemix", *FULL, "training.stages=2", "ROOFLINE"],
     "harli": ["policy=harli", *LORA],
     "static_share": ["policy=static_share", *LORA],
     "flexllm": ["policy=flexllm", *LORA],
@@ -38,15 +39,34 @@ CASES = {
 }
 
 
-def _common(calibration) -> list[str]:
-    out, _, _ = calibration
-    return ["model=tiny", "gpu=cpu", "cluster=cpu2", f"costs.path={out}", "workload=poisson",
-            "workload.num_requests=24", "workload.rate_rps=24", "metrics.plots=false"]
+@pytest.fixture(scope="module")
+def roofline_root(tmp_path_factory):
+    """Roofline tables of the tiny model on the CPU at tp 1 and 2 (``python -m simcolo.costs.roofline``)."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("roofline")
+    for tp in (1, 2):
+        subprocess.run([sys.executable, "-m", "simcolo.costs.roofline", "--gpu", "cpu", "--model", "tiny", "--tp",
+                        str(tp), "--out", str(root / f"cpu__tiny__tp{tp}")], check=True, capture_output=True)
+    return root
+
+
+def _args(case: str, calibration, roofline) -> list[str]:
+    overrides = CASES[case]
+    if "ROOFLINE" in overrides:
+        costs = ["costs.path=null", f"costs.tables_root={roofline}"]
+        overrides = [o for o in overrides if o != "ROOFLINE"]
+    else:
+        costs = [f"costs.path={calibration[0]}"]
+    return ["model=tiny", "gpu=cpu", "cluster=cpu2", *costs, "workload=poisson", "workload.num_requests=24",
+            "workload.rate_rps=24", "metrics.plots=false", *overrides]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_policy_replays_live_and_compares_with_its_simulation(case, cpu_calibration, tmp_path, capsys):
-    args = [*_common(cpu_calibration), *CASES[case]]
+def test_policy_replays_live_and_compares_with_its_simulation(case, cpu_calibration, roofline_root, tmp_path,
+                                                              capsys):
+    args = _args(case, cpu_calibration, roofline_root)
     sim = run_sim(*args, out_dir=tmp_path / "sim")
     live = run_replay(*args, out_dir=tmp_path / "live")
     s, r = sim.summary, live.summary
