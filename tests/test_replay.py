@@ -206,3 +206,27 @@ def test_fidelity_tables_rescale_and_drift(cpu_calibration, tmp_path):
     from simcolo.costs import CostModel
 
     assert CostModel.load(tmp_path / "x").prefill_s(256, 1) == pytest.approx(1.5 * CostModel.load(src).prefill_s(256, 1))
+
+
+def test_fidelity_runner_plans_every_policy_on_its_setting(cpu_calibration):
+    """``python -m simcolo.replay.fidelity --policies all``: every policy's simulation and replay config
+    loads, passes the live checks and plans on the CPU setting (the runs themselves are the fidelity job)."""
+    from simcolo.config.run import RunConfig
+    from simcolo.configs import load_config
+    from simcolo.hardware.cluster import Topology
+    from simcolo.layout.plan import plan_layout
+    from simcolo.policies import POLICIES, make_policy
+    from simcolo.replay.backend import check_live
+    from simcolo.replay.fidelity import policy_overrides
+
+    kinds = set()
+    for name in sorted(POLICIES):
+        cfg = load_config(["+fidelity=cpu_tiny", *policy_overrides(name), f"costs.path={cpu_calibration[0]}"],
+                          config_name="replay")
+        run = RunConfig.from_cfg(cfg)
+        policy = make_policy(run.policy)
+        check_live(run, policy)
+        plan = plan_layout(run, policy, Topology.from_config(run.gpu, run.cluster))
+        kinds.add(plan.kind)
+        assert (plan.trainer is None) == (policy.layout == "serving"), name
+    assert kinds == {"serving", "isolated", "pipelines", "finetune"}

@@ -34,12 +34,19 @@ import pandas as pd
 from simcolo.compare import compare_runs, rel_err
 from simcolo.paths import PROJECT_ROOT
 
-#: per-policy overrides of the CPU setting: isolated serves on one "GPU" and trains on the other;
-#: the co-located and routing policies serve (and train) on one
+#: per-policy overrides of the CPU setting: isolated serves on one "GPU" and trains on the other; the
+#: finetune policies prefill on one and decode + finetune on the other; the co-located pipeline and
+#: routing policies serve (and train) on one
+_FINETUNE = ["cluster=cpu2", "policy.prefill_instances=1", "policy.decode_instances=1", "policy.max_micro_batch=2"]
 POLICY_OVERRIDES = {
     "isolated": ["cluster=cpu2", "policy.serving_gpus=1", "policy.sync_every=5"],
+    "harli": _FINETUNE, "static_share": _FINETUNE, "flexllm": _FINETUNE,
 }
 DEFAULT_OVERRIDES = ["cluster=single"]
+
+
+def policy_overrides(policy: str) -> list[str]:
+    return [f"policy={policy}", *POLICY_OVERRIDES.get(policy, DEFAULT_OVERRIDES)]
 #: the rows the issue's fidelity targets name, then the rest of the report
 TARGET_ROWS = ("ttft_mean_s", "tpot_mean_s", "train_step_time_s", "train_tokens_per_s")
 REPORT_ROWS = TARGET_ROWS + ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s", "slo_attainment",
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", default="cpu_tiny", help="conf/fidelity/<setting>.yaml (default cpu_tiny)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--policies", default="isolated,lemix", help="comma-separated (default isolated,lemix)")
+    ap.add_argument("--policies", default="isolated,lemix",
+                    help="comma-separated, or all (default isolated,lemix)")
     ap.add_argument("--repeats", type=int, default=3, help="replays per policy (default 3; the median is reported)")
     ap.add_argument("--work", default=None, help="where every output goes (default outputs/fidelity/<setting>)")
     ap.add_argument("--out", default=None, help="copy the small results here (e.g. fidelity/cpu-tiny)")
@@ -109,7 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     py = sys.executable
     common = [f"+fidelity={a.setting}", *a.overrides]
     model = load_config(common).model.name
-    policies = a.policies.split(",")
+    from simcolo.policies import POLICIES
+
+    policies = sorted(POLICIES) if a.policies == "all" else a.policies.split(",")
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        ap.error(f"--policies: unknown {unknown}; expected some of {sorted(POLICIES)} or all")
     rows, drift = [], {}
     for policy in policies:
         pdir = work / policy
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         cal, after = pdir / "calibration", pdir / "calibration_after"
         calibrate = [py, "-m", "calibrate", f"model={model}", f"device={a.device}", "progress_bar=false"]
         _run([*calibrate, f"out={cal}"], log)
-        extra = [f"policy={policy}", *POLICY_OVERRIDES.get(policy, DEFAULT_OVERRIDES), f"costs.path={cal}"]
+        extra = [*policy_overrides(policy), f"costs.path={cal}"]
         _run([py, "-m", "simcolo", *common, *extra, "metrics.quiet=true", f"hydra.run.dir={pdir / 'sim'}"], log)
         for k in range(1, a.repeats + 1):
             rep = pdir / f"replay_{k}"
