@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from calibrate.context import Context
 from calibrate.grids import axis, scalar
 from simcolo.errors import ConfigError
+from simcolo.engine.sm_partition import GreenPartition, green_context_status
 
 MPS_NOTE = ("MPS not used: active-thread percentages need one process per side and a running MPS "
             "control daemon")
@@ -92,51 +93,6 @@ MIN_ITERATIONS = 2
 
 
 # --------------------------------------------------------------------------------- green contexts
-
-class GreenPartition:
-    """Two streams on disjoint SM groups of one GPU, made with CUDA green contexts (cuda-bindings)."""
-
-    def __init__(self, device: torch.device, share_a: float):
-        from cuda.bindings import driver as cu  # ImportError -> caller records why
-
-        def check(result):
-            err, *rest = result
-            if err != cu.CUresult.CUDA_SUCCESS:
-                raise RuntimeError(f"CUDA driver error {err}")
-            return rest[0] if len(rest) == 1 else rest
-
-        check(cu.cuInit(0))
-        dev = check(cu.cuDeviceGet(device.index or 0))
-        sms = check(cu.cuDeviceGetDevResource(dev, cu.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM))
-        total = sms.sm.smCount
-        want = max(1, round(share_a * total))
-        groups, _, rest = check(cu.cuDevSmResourceSplitByCount(1, sms, 0, want))
-        self.streams, self.sm_counts = [], []
-        for resource in (groups[0], rest):
-            desc = check(cu.cuDevResourceGenerateDesc([resource], 1))
-            ctx = check(cu.cuGreenCtxCreate(desc, dev, cu.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM))
-            stream = check(cu.cuGreenCtxStreamCreate(ctx, cu.CUstream_flags.CU_STREAM_NON_BLOCKING, 0))
-            self.streams.append(torch.cuda.ExternalStream(int(stream), device=device))
-            self.sm_counts.append(resource.sm.smCount)
-        self.total_sms = total
-        if self.sm_counts[1] < 1:
-            raise RuntimeError(f"asking for {want} of {total} SMs left none for side b")
-
-
-def green_context_status(device: torch.device) -> str | None:
-    """``None`` if green contexts work here, else why not."""
-    if device.type != "cuda":
-        return "no CUDA device"
-    try:
-        part = GreenPartition(device, 0.5)
-        with torch.cuda.stream(part.streams[0]):
-            torch.ones(16, device=device).sum().item()
-    except ImportError as exc:
-        return f"cuda-bindings not importable ({exc}); `pip install cuda-bindings` to enable"
-    except Exception as exc:  # driver too old, MIG, unsupported GPU, ...
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
 
 def describe_method(device: torch.device) -> tuple[str, str, list[str]]:
     """(``interference_method`` for the metadata, a note with the reasons, methods to measure)."""

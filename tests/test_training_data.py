@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import run_sim
-from simcolo.config.training import TrainingData
+from simcolo.config.training import LearningCurveConfig, TrainingData
 from simcolo.errors import ConfigError
 from simcolo.hardware.environment import SimEnvironment
 from simcolo.training.data import TrainingStream
@@ -64,6 +64,6 @@ def test_bad_stream_settings_are_named():
 
 
 def test_learning_curve_power_law():
-    curve = LearningCurve.from_cfg({"kind": "power", "initial_loss": 3.0, "final_loss": 1.0, "steps_scale": 10.0,
-                                    "exponent": 1.0})
+    curve = LearningCurve.from_config(LearningCurveConfig.from_cfg(
+        {"kind": "power", "initial_loss": 3.0, "final_loss": 1.0, "steps_scale": 10.0, "exponent": 1.0}))
     assert curve.loss([0, 10, 90]).tolist() == pytest.approx([3.0, 2.0, 1.2])

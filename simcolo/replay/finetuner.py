@@ -154,6 +154,11 @@ class LiveFinetuner:
         """A micro-batch or an optimizer step is in flight."""
         return self._phase is not None
 
+    def busy_by_gpu(self) -> dict[int, float]:
+        """Finetune kernel seconds per cluster GPU (its decode instance's one), counted as each
+        micro-batch or optimizer step ends."""
+        return {self.gpu: self.train_busy_s}
+
     def report(self) -> TrainerReport:
         return TrainerReport(self.sequences_done, self.tokens_done, counters={
             "finetune_aborted_microbatches": self.aborted_microbatches, "finetune_microbatches": self.micro_batches,
@@ -300,7 +305,7 @@ class LiveFinetuner:
     def _token_ids(self, job: _MicroBatch) -> torch.Tensor:
         rows = []
         for task_id, k in job.seeds:
-            gen = torch.Generator().manual_seed(task_id)
+            gen = torch.Generator().manual_seed(task_id % 2**63)
             rows.append(torch.randint(self.vocab_size, (k, self.seq_len), generator=gen))
         return torch.cat(rows).to(self.device)
 

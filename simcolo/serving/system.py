@@ -36,18 +36,6 @@ class ServingLayout:
                          batching.max_batched_tokens, batching.max_num_seqs, self.num_gpu_blocks_override,
                          reserved_bytes, reserved_for)
 
-    @classmethod
-    def from_cfg(cls, cfg) -> "ServingLayout":
-        mode = cfg["mode"]
-        if mode not in MODES:
-            raise ConfigError(f"serving.mode '{mode}' is unknown; expected one of {MODES}")
-        if int(cfg["tp"]) < 1:
-            raise ConfigError(f"serving.tp must be >= 1, got {cfg['tp']}")
-        n = cfg["num_instances"]
-        return cls(mode, int(cfg["tp"]), None if n is None else int(n), int(cfg["prefill_instances"]),
-                   int(cfg["decode_instances"]), float(cfg["gpu_memory_utilization"]),
-                   None if cfg["num_gpu_blocks_override"] is None else int(cfg["num_gpu_blocks_override"]))
-
 
 class ServingSystem:
     def __init__(self, env: SimEnvironment, cluster: Cluster, model: ModelSpec, cost, plan, batching: BatchingConfig,

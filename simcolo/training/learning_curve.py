@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from simcolo.errors import ConfigError, TableError
+from simcolo.errors import TableError
 from simcolo.paths import resolve_path
 
 if TYPE_CHECKING:
@@ -28,23 +28,9 @@ class LearningCurve:
         self.initial, self.final, self.steps_scale, self.exponent = initial, final, steps_scale, exponent
 
     @classmethod
-    def from_cfg(cls, cfg) -> "LearningCurve":
-        kind = cfg["kind"]
-        if kind == "power":
-            initial, final = float(cfg["initial_loss"]), float(cfg["final_loss"])
-            scale, exponent = float(cfg["steps_scale"]), float(cfg["exponent"])
-            if not (initial >= final >= 0 and scale > 0 and exponent > 0):
-                raise ConfigError("training.learning_curve: expected initial_loss >= final_loss >= 0, "
-                                  f"steps_scale > 0 and exponent > 0; got {initial}, {final}, {scale}, {exponent}")
-            return cls(initial=initial, final=final, steps_scale=scale, exponent=exponent)
-        if kind == "table":
-            return cls.from_table(resolve_path(cfg["path"]))
-        raise ConfigError(f"training.learning_curve.kind '{kind}' is unknown; expected power or table")
-
-    @classmethod
     def from_config(cls, config: "LearningCurveConfig") -> "LearningCurve":
         """From the typed ``training.learning_curve`` (``simcolo.config.LearningCurveConfig``, validated when
-        the config was read): the same curve as :meth:`from_cfg` on its mapping."""
+        the config was read)."""
         if config.kind == "table":
             return cls.from_table(resolve_path(config.path))
         return cls(initial=config.initial_loss, final=config.final_loss, steps_scale=config.steps_scale,

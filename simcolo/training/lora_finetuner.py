@@ -71,6 +71,24 @@ class SequencePool:
         return done
 
 
+def finetune_state(inst, held_blocks: int) -> FinetuneState:
+    """What a finetune policy sees of decode instance ``inst`` (any backend's ``BatchScheduler``)."""
+    return FinetuneState(len(inst.running), inst.kv_total, inst.lendable_blocks(), held_blocks)
+
+
+def fit_micro_batch(predictor, mb: int, seq_len: int, static_memory: bool, held: int, lendable: int
+                    ) -> tuple[int, int]:
+    """(micro-batch, KV blocks to borrow for it): ``mb`` shrunk to what memory allows -- the static
+    carve-out already ``held`` (nothing more to borrow), or the ``lendable`` blocks of the instance."""
+    if static_memory:
+        return min(mb, predictor.lora_max_micro_batch(held)), 0
+    need = predictor.lora_blocks(mb, seq_len)
+    while mb > 0 and need > lendable:
+        mb -= 1
+        need = predictor.lora_blocks(mb, seq_len)
+    return mb, need
+
+
 class LoraFinetuner:
     def __init__(self, env, instance, gpu, pool: SequencePool, policy, predictor, seq_len: int,
                  global_batch: int, static_memory: bool, on_task_done, on_step):
@@ -106,8 +124,7 @@ class LoraFinetuner:
 
     # ------------------------------------------------------------------ state for the policy
     def state(self) -> FinetuneState:
-        inst = self.inst
-        return FinetuneState(len(inst.running), inst.kv_total, inst.lendable_blocks(), self.held)
+        return finetune_state(self.inst, self.held)
 
     def _log_plan(self, share, mb, predicted) -> None:
         if len(self.plans) < 100_000:
@@ -142,14 +159,9 @@ class LoraFinetuner:
         share, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, None)
         mb = min(mb, self.pool.available)
         self._log_plan(share, mb, predicted)
-        if self.static_memory:
-            need = 0   # the static carve-out is already held (reserve_static)
-            mb = min(mb, self.predictor.lora_max_micro_batch(self.held))
-        else:
-            need = self.predictor.lora_blocks(mb, self.seq_len)
-            while mb > 0 and need > self.inst.lendable_blocks():
-                mb -= 1
-                need = self.predictor.lora_blocks(mb, self.seq_len)
+        # static memory: the carve-out is already held (reserve_static)
+        mb, need = fit_micro_batch(self.predictor, mb, self.seq_len, self.static_memory, self.held,
+                                   self.inst.lendable_blocks())
         if mb <= 0:
             return   # woken again at the next decode iteration or when sequences arrive
         if need:
