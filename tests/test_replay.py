@@ -230,3 +230,51 @@ def test_fidelity_runner_plans_every_policy_on_its_setting(cpu_calibration):
         kinds.add(plan.kind)
         assert (plan.trainer is None) == (policy.layout == "serving"), name
     assert kinds == {"serving", "isolated", "pipelines", "finetune"}
+
+
+# LoRA finetuning live on a small KV pool: 256 blocks of 16 tokens, a finetune micro-batch of two 64-token
+# sequences borrows 200 of them, and four decoding 400-token requests need up to 100
+HARLI = ["cluster=cpu2", "costs.interference=none", "workload.lengths.kind=fixed",
+         "workload.lengths.prompt_tokens=200", "workload.lengths.output_tokens=200", "training.micro_batch=2",
+         "training.seq_len=64", "training.global_batch=2", "training.data.backlog=8", "policy.prefill_instances=1",
+         "policy.decode_instances=1", "policy.max_micro_batch=2", "serving.max_num_seqs=4",
+         "serving.num_gpu_blocks_override=256"]
+
+
+def test_harli_live_decode_never_waits_for_blocks_held_by_finetuning(cpu_calibration, tmp_path):
+    harli = run_replay(*common(cpu_calibration, n=24, rate=24), "policy=harli", *HARLI, out_dir=tmp_path / "h")
+    s = harli.summary
+    assert s["num_finished"] == 24 and s["finetune_microbatches"] > 0 and s["optimizer_steps"] > 0
+    assert s["finetune_aborted_microbatches"] > 0        # decode took its blocks back mid micro-batch
+    assert s["decode_waits_on_finetune_blocks"] == 0
+    # the static carve-out of the baseline is never given back: there decode does wait (and preempts)
+    static = run_replay(*common(cpu_calibration, n=24, rate=24), "policy=static_share", *HARLI,
+                        out_dir=tmp_path / "s")
+    assert static.summary["decode_waits_on_finetune_blocks"] > 0
+    assert static.summary["finetune_aborted_microbatches"] == 0
+
+
+def test_a_finetune_failure_stops_the_replay_and_keeps_every_record(cpu_calibration, tmp_path, monkeypatch):
+    from simcolo.replay.finetuner import LiveFinetuner
+    from simcolo.replay.run import ReplayFailed
+
+    calls = {"n": 0}
+    compute = LiveFinetuner._compute
+
+    def failing_compute(self, job):  # fault injection: the 5th finetune micro-batch hits a kernel error
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        return compute(self, job)
+
+    monkeypatch.setattr(LiveFinetuner, "_compute", failing_compute)
+    with pytest.raises(ReplayFailed, match=r"finetun.*RuntimeError: CUDA error: an illegal memory access"):
+        run_replay(*common(cpu_calibration, n=24, rate=24), "policy=harli", *HARLI, out_dir=tmp_path)
+    req = pd.read_parquet(tmp_path / "requests.parquet")
+    assert len(req) == 24 and req.request_id.is_unique                      # nothing dropped
+    statuses = set(req.status)
+    assert statuses <= {"finished", "replay_failed", "not_replayed"} and statuses - {"finished"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "illegal memory access" in summary["replay_failed"]
+    steps = pd.read_parquet(tmp_path / "training.parquet")
+    assert len(steps) == summary["optimizer_steps"]                         # the steps before it are kept

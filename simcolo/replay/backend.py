@@ -144,8 +144,8 @@ class LiveBackend(Backend):
         if kv_bytes > budget:
             raise ConfigError(f"the live replay keeps each sequence's KV contiguous: serving.max_num_seqs="
                               f"{batching.max_num_seqs} x model.max_context_len={spec.max_context_len} tokens "
-                              f"need {kv_bytes / 2**30:.1f} GiB, but the KV budget per instance is "
-                              f"{budget / 2**30:.1f} GiB; lower serving.max_num_seqs (in the simulation too)")
+                              f"need {kv_bytes / 2**20:,.1f} MiB, but the KV budget per instance is "
+                              f"{budget / 2**20:,.1f} MiB; lower serving.max_num_seqs (in the simulation too)")
         for inst in self.system.instances:
             model = build_model(spec, device=inst.device, seed=seed)
             self.serving_models[inst.index] = model
