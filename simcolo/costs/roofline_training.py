@@ -12,7 +12,7 @@ run one after another), plus ``train_phase_overhead_s`` once per phase.
 ``train_stage`` (full-parameter training with AdamW, one pipeline stage on **one GPU**: the stage GPUs
 are tp=1 even in a ``tpN`` directory -- the table is written into every directory, computed for tp=1)
 
-* stage split as ``calibrate.model.stage_layers`` (``schema.stage_layers``): contiguous, the first
+* stage split as ``schema.stage_layers`` (the engine's stage models use it): contiguous, the first
   ``L % S`` stages one layer more; stage 0 holds the embedding, stage ``S - 1`` the final norm and LM
   head (a stage of a 1-stage split holds both);
 * grid: ``num_stages`` in {1, 2, 4, 8} (those <= the model's layers), every ``stage``, ``micro_batch``

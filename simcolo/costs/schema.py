@@ -86,8 +86,8 @@ METADATA_KEYS: dict[str, type | tuple[type, ...]] = {
 
 
 def stage_layers(num_layers: int, num_stages: int, stage: int) -> range:
-    """The decoder layers of pipeline stage ``stage`` of ``num_stages`` in ``train_stage``: the split of
-    ``calibrate.model.stage_layers`` -- contiguous, as even as possible, the first ``num_layers %
+    """The decoder layers of pipeline stage ``stage`` of ``num_stages`` in ``train_stage`` and of the
+    engine's stage models (``simcolo.engine.model.stage_layers``) -- contiguous, as even as possible, the first ``num_layers %
     num_stages`` stages holding one layer more."""
     if not 1 <= num_stages <= num_layers:
         raise ValueError(f"num_stages {num_stages} must be within [1, {num_layers}] (the model's layers)")

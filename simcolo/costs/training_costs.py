@@ -21,7 +21,7 @@ Lookup rules (the same for roofline and measured tables):
   present, ``num_stages - 1`` to the largest, and a middle stage to the nearest present middle stage
   (the lower one on a tie; the nearest present stage if no middle one was measured). A middle stage
   mapped onto another middle stage is scaled by the ratio of their decoder layers (the model's split,
-  as ``calibrate.model.stage_layers``): a middle stage is nothing but its layers. A ``num_stages``
+  as ``schema.stage_layers``): a middle stage is nothing but its layers. A ``num_stages``
   that the table lacks is a :class:`TableError` listing those it has.
 * **LoRA rank.** A rank present is used as is; another is linear in rank between the neighbouring
   ranks (outside their range: extrapolated from the edge pair and counted in

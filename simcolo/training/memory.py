@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from simcolo.costs.schema import stage_layers
 from simcolo.specs import ModelSpec
 
 #: Activation bytes per token per decoder layer for a Llama block in bf16 with a fused (flash)
@@ -21,10 +22,8 @@ LOSS_CHUNK_TOKENS = 1024
 
 
 def stage_layer_count(model: ModelSpec, num_stages: int, stage: int) -> int:
-    """Decoder layers of ``stage`` (contiguous split, the first ``layers % stages`` stages one more;
-    the same split as ``calibrate.model.stage_layers``)."""
-    base, extra = divmod(model.num_layers, num_stages)
-    return base + (stage < extra)
+    """Decoder layers of ``stage`` (the one split rule, ``costs.schema.stage_layers``)."""
+    return len(stage_layers(model.num_layers, num_stages, stage))
 
 
 def stage_params(model: ModelSpec, num_stages: int, stage: int) -> int:
