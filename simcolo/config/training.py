@@ -11,7 +11,6 @@ from typing import Any, ClassVar, Mapping
 
 from simcolo.config.read import Group
 from simcolo.errors import ConfigError
-from simcolo.training.data import KINDS as DATA_KINDS
 from simcolo.training.schedules import SCHEDULES
 
 DATA_KEYS = ("kind", "backlog", "rate_tps", "share", "job_rate_per_s", "job_tasks")
@@ -21,6 +20,8 @@ FULL_KEYS = ("stages", "micro_batch", "seq_len", "global_batch", "schedule", "ma
 LORA_KEYS = ("rank", "micro_batch", "seq_len", "global_batch", "activation_checkpointing")
 TRAINING_KEYS = ("kind", "data", "learning_curve", *FULL_KEYS, *LORA_KEYS)
 TRAINING_KINDS = ("full", "lora", "none")
+#: training.data.kind (what each means: simcolo/training/data.py)
+DATA_KINDS = ("backlog", "poisson", "requests", "jobs")
 
 
 @dataclass(frozen=True)

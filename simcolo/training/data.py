@@ -23,11 +23,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-
 if TYPE_CHECKING:
     from simcolo.config.training import Training, TrainingData
-
-KINDS = ("backlog", "poisson", "requests", "jobs")
 
 
 @dataclass(slots=True, eq=False)
