@@ -121,7 +121,7 @@ class LayoutPlan:
     interference: InterferenceTable
     predictor: TablePredictor
     trainer: IsolatedTrainingPlan | NodeTrainingPlan | FinetunePlan | None
-    prefill_s_per_token: float
+    prefill_s_per_token: float | None = None   # pipelines: what a node's queued prompt token costs (its view)
 
     @property
     def training_on(self) -> bool:
@@ -238,7 +238,7 @@ def _check_fits(run: RunConfig, what: str, gpu: int, need: float) -> None:
 
 def _plan(run, kind, layout, kv, instances, allocations, cost, interference, predictor, trainer) -> LayoutPlan:
     return LayoutPlan(kind, run.training, layout, kv, instances, tuple(allocations), cost, interference, predictor,
-                      trainer, _per_token(cost))
+                      trainer, _per_token(cost) if kind == "pipelines" else None)
 
 
 # ---------------------------------------------------------------------------- the layouts
