@@ -114,7 +114,7 @@ def test_pipeline_trains_tasks_and_serving_sees_every_step(spec, S):
     assert all(not opt.state for opt in h.pipe.optimizers if opt is not None)
 
     h.place(range(6))
-    assert h.pipe.queued == 6
+    assert h.pipe.rules.queued == 6
     assert h.pipe.stage_backlog_s(S - 1) == pytest.approx(6 * (0.01 + 0.02))
     h.start()
     try:
@@ -123,7 +123,7 @@ def test_pipeline_trains_tasks_and_serving_sees_every_step(spec, S):
         h.stop()
     assert h.done == list(range(6))
     assert h.versions == [(1, 2), (2, 4), (3, 6)]
-    assert h.pipe.steps_done == [3] * S and h.pipe.queued == 0
+    assert h.pipe.rules.steps_done == [3] * S and h.pipe.rules.queued == 0
     assert [i for i, _ in h.pipe.losses] == list(range(6))
     assert all(p.by_use["train_activations"] == 0 for p in h.pools) and all(p.peak == ACT for p in h.pools)
     assert all(h.pipe.stage_backlog_s(s) == 0 for s in range(S))
@@ -131,10 +131,10 @@ def test_pipeline_trains_tasks_and_serving_sees_every_step(spec, S):
     assert_served_is_trained(h)
     r = h.pipe.report()
     assert (r.sequences_done, r.tokens_done) == (6 * MB, 6 * MB * SEQ)
-    assert r.work_s == pytest.approx(sum(h.pipe.stage_busy_s)) and all(b > 0 for b in h.pipe.stage_busy_s)
+    assert r.work_s == pytest.approx(sum(h.pipe.rules.stage_busy_s)) and all(b > 0 for b in h.pipe.rules.stage_busy_s)
     # span: S x time with a task in flight (as the simulator's, the last optimizer step runs after it)
     assert 0 < r.span_s and r.counters == {"train_queued_tasks": 0}
-    assert h.pipe.busy_by_gpu() == dict(enumerate(h.pipe.stage_busy_s))
+    assert h.pipe.busy_by_gpu() == dict(enumerate(h.pipe.rules.stage_busy_s))
     assert h.pipe.solo_s == [0.0, 0.0]   # serving_idle defaults to "serving is busy"
 
 
@@ -188,7 +188,7 @@ def test_async_release_keeps_at_most_max_inflight_tasks_in_flight(spec):
         h.wait_done(8, versions=8)
     finally:
         h.stop()
-    assert h.pipe.inflight_peak == 2
+    assert h.pipe.rules.inflight_peak == 2
     assert max(peak_act) <= 2 * ACT
     assert sorted(h.done) == list(range(8)) and h.pipe.version == 8
     assert_served_is_trained(h)
@@ -202,7 +202,7 @@ def test_sync_release_runs_one_task_at_a_time(spec):
         h.wait_done(4, versions=1)
     finally:
         h.stop()
-    assert h.pipe.inflight_peak == 1
+    assert h.pipe.rules.inflight_peak == 1
 
 
 def test_closed_memory_gate_holds_forwards_until_it_opens(spec):
@@ -218,7 +218,7 @@ def test_closed_memory_gate_holds_forwards_until_it_opens(spec):
     try:
         time.sleep(0.1)
         with h.live.lock:
-            assert h.done == [] and h.pipe.stage_busy_s == [0.0] and h.pipe.pools[0].used == 0
+            assert h.done == [] and h.pipe.rules.stage_busy_s == [0.0] and h.pools[0].used == 0
             assert len(state["calls"]) >= 3          # re-checked every ~5 ms
             assert set(state["calls"]) == {(0, ACT)}
             state["open"] = True

@@ -29,9 +29,9 @@ def test_sync_release_runs_one_task_at_a_time(S, n):
         pipe.place(TrainTask(i, 0.0, 1, 128))
     env.run()
     assert [t.finish_s for t in done] == pytest.approx([(k + 1) * S * 3.0 for k in range(n)])
-    assert pipe.active_s == pytest.approx(n * S * 3.0)
+    assert pipe.rules.active_s == pytest.approx(n * S * 3.0)
     # bubble: each stage works 3 of every 3S seconds
-    assert 1 - sum(pipe.train_busy_s) / (S * pipe.active_s) == pytest.approx((S - 1) / S)
+    assert 1 - sum(pipe.rules.stage_busy_s) / (S * pipe.rules.active_s) == pytest.approx((S - 1) / S)
 
 
 @pytest.mark.parametrize("S, n", [(2, 6), (4, 10), (3, 7)])
@@ -46,7 +46,7 @@ def test_async_release_overlaps_tasks_and_fills_the_pipeline(S, n):
     # no stage can do its n forwards and n backwards faster than back to back
     assert done[-1].finish_s >= n * 3.0
     assert sorted(t.id for t in done) == list(range(n))
-    assert 1 - sum(pipe.train_busy_s) / (S * pipe.active_s) < (S - 1) / S
+    assert 1 - sum(pipe.rules.stage_busy_s) / (S * pipe.rules.active_s) < (S - 1) / S
 
 
 def test_max_inflight_bounds_activation_memory_and_versions_follow_optimizer_steps():

@@ -5,22 +5,16 @@ A node's serving replica is also trained as a pipeline of S >= 1 stages. Stage `
 stage 0, the head on stage S-1) that *shares its parameter tensors* with the served model (see
 :func:`stage_models`), so serving runs each optimizer step's weights from the moment it is taken.
 
-Each stage is a thread (``live.run_guarded``, its own CUDA stream) that runs one op at a time, in the
-simulator's order:
-
-* an optimizer step owed (every ``global_batch`` backwards of that stage) first, then
-* a ready backward, then
-* a ready forward, if the stage GPU's ``MemoryPool`` fits ``activation_bytes[s]`` and the policy's memory
-  gate is open (else re-checked every ``gate_poll_s``); the forward holds those bytes under
-  ``train_activations`` until its backward.
+Each stage is a thread (``live.run_guarded``, its own CUDA stream) that runs one op at a time. Which op,
+when a placed task enters stage 0 (``async``/``sync`` release, at most ``max_inflight`` in flight), the
+activation memory in the stage GPU's ``MemoryPool``, the optimizer steps and the model version are the
+simulator's: the same :class:`~simcolo.training.pipeline_rules.PipelineRules` code decides them. A
+forward held by memory or the policy's gate is re-checked every ``gate_poll_s``.
 
 Activations go forward and gradients backward through per-stage hand-offs (the receiving stage copies
-the tensor to its device: ``.to(devices[s])``, a plain hand-off on the CPU). A placed task enters stage 0
-(``release``) ``async``: when the previous task has finished its stage-0 forward, ``sync``: when it has
-finished its backward; at most ``max_inflight`` tasks are in the pipeline. The model version is the
-number of optimizer steps every stage has applied.
+the tensor to its device: ``.to(devices[s])``, a plain hand-off on the CPU).
 
-Scheduler state (queues, counts, hand-offs) changes under ``live.lock``; kernels run outside it.
+Scheduler state (the rules, hand-offs) changes under ``live.lock``; kernels run outside it.
 
 Two things a real pipeline does that this one handles its own way:
 
@@ -48,11 +42,10 @@ from torch import Tensor
 
 from simcolo.engine.model import Llama, stage_layers
 from simcolo.engine.runner import default_targets, next_token_loss
-from simcolo.errors import ConfigError
 from simcolo.metrics.training_summary import TrainerReport
 from simcolo.training.data import TrainTask
+from simcolo.training.pipeline_rules import GATED, PipelineRules
 
-RELEASES = ("async", "sync")
 LOSS_HISTORY = 4096   # (task id, loss) pairs kept in ``LiveNodePipeline.losses``
 
 
@@ -164,28 +157,22 @@ class LiveNodePipeline:
                  serving_idle: Callable[[], bool] = lambda: False,
                  serving_iterations: Callable[[], int] | None = None,
                  lr: float = 1e-5, gate_poll_s: float = 0.005):
-        if release not in RELEASES:
-            raise ConfigError(f"training release '{release}' is unknown; expected one of {RELEASES}")
         S = len(stage_models)
-        for what, xs in (("devices", devices), ("gpus", gpus), ("forward_s", forward_s), ("backward_s", backward_s),
-                         ("optimizer_s", optimizer_s), ("activation_bytes", activation_bytes), ("pools", pools)):
+        for what, xs in (("devices", devices), ("gpus", gpus)):
             if len(xs) != S:
                 raise ValueError(f"node {index}: {S} stage models but {len(xs)} {what}")
-        if S < 1 or global_batch < 1 or max_inflight < 1:
-            raise ValueError(f"node {index}: stages={S}, global_batch={global_batch}, max_inflight={max_inflight} "
-                             f"must all be >= 1")
         for s, m in enumerate(stage_models):
             if (m.embed_tokens is not None) != (s == 0) or (m.lm_head is not None) != (s == S - 1):
                 raise ValueError(f"node {index}: stage {s} of {S} must hold the embedding iff first and the "
                                  f"head iff last")
+        # scheduler state, under live.lock (the rules check the other per-stage lists and the settings)
+        self.rules = PipelineRules(index, gpus, pools, forward_s, backward_s, optimizer_s, activation_bytes,
+                                   global_batch, release, max_inflight, gate)
         self.index, self.live, self.S = index, live, S
         self.stage_models = list(stage_models)
         self.devices = [_canonical(d) for d in devices]
         self.gpus = list(gpus)
-        self.f, self.b, self.opt = list(forward_s), list(backward_s), list(optimizer_s)
-        self.act = list(activation_bytes)
-        self.global_batch, self.release, self.max_inflight = global_batch, release, max_inflight
-        self.pools, self.gate, self.gate_poll_s = list(pools), gate, gate_poll_s
+        self.gate_poll_s = gate_poll_s
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.on_task_done, self.on_version = on_task_done, on_version
         self.serving_idle, self.serving_iterations = serving_idle, serving_iterations
@@ -203,31 +190,11 @@ class LiveNodePipeline:
             self._shadows.append(shadows)
             self.optimizers.append(torch.optim.AdamW(shadows, lr=lr) if shadows else None)
 
-        # scheduler state (under live.lock)
-        self._conds = [live.condition() for _ in range(S)]
-        self.pending: deque[TrainTask] = deque()      # placed, not yet released
-        self.inflight = 0
-        self.inflight_peak = 0
-        self._stage0_free = True
-        self.ready_f: list[deque] = [deque() for _ in range(S)]
-        self.ready_b: list[deque] = [deque() for _ in range(S)]
+        self._conds = [live.condition() for _ in range(S)]   # wakes stage s's thread
         self._fwd_in: list[dict] = [{} for _ in range(S)]     # task id -> activations from stage s-1
         self._grad_in: list[dict] = [{} for _ in range(S)]    # task id -> gradient from stage s+1
         self._running: list[tuple[str, float] | None] = [None] * S   # (op, start) of each stage's kernel
-        self._gated = [False] * S
-        self.n_f = [0] * S
-        self.n_b = [0] * S
-        self.backwards_done = [0] * S
-        self.opt_due = [0] * S
-        self.steps_done = [0] * S
-        self.version = 0
-        self.stage_busy_s = [0.0] * S
         self.solo_s = [0.0, 0.0]       # (measured, predicted) kernel seconds that ran with serving idle
-        self.active_s = 0.0            # time with a task in the pipeline
-        self._active_since: float | None = None
-        self.sequences_done = 0
-        self.tokens_done = 0
-        self.tasks_done = 0
         self.losses: deque[tuple[int, float]] = deque(maxlen=LOSS_HISTORY)   # (task id, loss), last stage
         self._stopping = False
         # per-stage autograd state of tasks between forward and backward (only stage s's thread touches it)
@@ -250,39 +217,32 @@ class LiveNodePipeline:
         return any(r is not None for r in self._running)
 
     @property
+    def version(self) -> int:
+        return self.rules.version
+
+    @property
     def train_busy_s(self) -> float:
-        return sum(self.stage_busy_s)
+        return sum(self.rules.stage_busy_s)
 
     def busy_by_gpu(self) -> dict[int, float]:
         out: dict[int, float] = {}
-        for g, busy in zip(self.gpus, self.stage_busy_s):
+        for g, busy in zip(self.gpus, self.rules.stage_busy_s):
             out[g] = out.get(g, 0.0) + busy
         return out
 
-    @property
-    def queued(self) -> int:
-        return len(self.pending) + self.inflight
-
     def stage_backlog_s(self, s: int) -> float:
-        """Predicted solo seconds of training work stage ``s`` still has for tasks placed here: forwards
-        and backwards not yet run, plus the running kernel's predicted remainder."""
+        """See ``PipelineRules.backlog_s``; the running kernel's remainder is its prediction less the time
+        it has run."""
         with self.live.lock:
             run = self._running[s]
-            n_f, n_b, left = self.n_f[s], self.n_b[s], 0.0
-            if run is not None:
-                op, start = run
-                n_f -= op == "F"
-                n_b -= op == "B"
-                left = max(0.0, self._predicted(s, op) - (self.live.now - start))
-            return left + n_f * self.f[s] + n_b * self.b[s]
+            if run is None:
+                return self.rules.backlog_s(s)
+            op, start = run
+            return self.rules.backlog_s(s, op, max(0.0, self.rules.solo_s(s, op) - (self.live.now - start)))
 
     def report(self) -> TrainerReport:
         with self.live.lock:
-            active = self.active_s
-            if self._active_since is not None:
-                active += self.live.now - self._active_since
-            return TrainerReport(self.sequences_done, self.tokens_done, sum(self.stage_busy_s), self.S * active,
-                                 {"train_queued_tasks": self.queued})
+            return self.rules.report(self.live.now)
 
     def close(self, now: float | None = None) -> None:
         """Nothing to release (the threads end with ``stop_and_join``)."""
@@ -290,28 +250,11 @@ class LiveNodePipeline:
     # ------------------------------------------------------------------ intake and release (under the lock)
     def place(self, task: TrainTask) -> None:
         with self.live.lock:
-            task.node = self.index
-            self.pending.append(task)
-            for s in range(self.S):
-                self.n_f[s] += 1
-                self.n_b[s] += 1
+            self.rules.place(task)
             self._release()
 
     def _release(self) -> None:
-        while self.pending and self.inflight < self.max_inflight:
-            if self.release == "sync" and self.inflight:
-                return
-            if self.release == "async" and not self._stage0_free:
-                return
-            task = self.pending.popleft()
-            now = self.live.now
-            task.start_s = now
-            if self.inflight == 0:
-                self._active_since = now
-            self.inflight += 1
-            self.inflight_peak = max(self.inflight_peak, self.inflight)
-            self._stage0_free = False
-            self.ready_f[0].append(task)
+        while self.rules.release_next(self.live.now):
             self._conds[0].notify()
 
     # ------------------------------------------------------------------ threads
@@ -339,10 +282,10 @@ class LiveNodePipeline:
                     if live.stopped or self._stopping:
                         return
                     op, task, x = self._next_op(s)
-                    if op is not None:
+                    if op is not None and op != GATED:
                         break
                     # the memory gate opens as serving frees KV blocks, which nobody signals: poll it
-                    cond.wait(self.gate_poll_s if self._gated[s] else None)
+                    cond.wait(self.gate_poll_s if op == GATED else None)
                 start = live.now
                 self._running[s] = (op, start)
                 idle = self.serving_idle()
@@ -356,84 +299,45 @@ class LiveNodePipeline:
             with cond:
                 end = live.now
                 self._running[s] = None
-                self.stage_busy_s[s] += end - start
+                self.rules.stage_busy_s[s] += end - start
                 if idle and self.serving_idle() and (iters is None or self.serving_iterations() == iters):
                     self.solo_s[0] += end - start
-                    self.solo_s[1] += self._predicted(s, op)
+                    self.solo_s[1] += self.rules.solo_s(s, op)
                 self._finish(s, op, task, out)
 
-    def _predicted(self, s: int, op: str) -> float:
-        return self.f[s] if op == "F" else self.b[s] if op == "B" else self.opt[s]
-
     def _next_op(self, s: int):
-        """Under the lock: the stage's next op (``"O"``, ``"B"`` or ``"F"``), its task and its input, or
-        Nones when there is nothing it may run."""
-        self._gated[s] = False
-        if self.opt_due[s]:
-            return "O", None, None
-        if self.ready_b[s]:
-            task = self.ready_b[s].popleft()
-            return "B", task, self._grad_in[s].pop(task.id, None)
-        if self.ready_f[s]:
-            nbytes, pool = self.act[s], self.pools[s]
-            if (pool is not None and not pool.fits(nbytes)) or \
-                    (self.gate is not None and not self.gate(self.gpus[s], nbytes)):
-                self._gated[s] = True
-                return None, None, None
-            task = self.ready_f[s].popleft()
-            if pool is not None:
-                pool.allocate("train_activations", nbytes)
-            return "F", task, self._fwd_in[s].pop(task.id, None)
-        return None, None, None
+        """Under the lock: the stage's next op (``PipelineRules.next_op``), its task and its input (the
+        activations or gradient another stage handed over)."""
+        op, task = self.rules.next_op(s)
+        if op == "F":
+            return op, task, self._fwd_in[s].pop(task.id, None)
+        if op == "B":
+            return op, task, self._grad_in[s].pop(task.id, None)
+        return op, task, None
 
     def _finish(self, s: int, op: str, task, out) -> None:
-        """Under the lock: account for a finished op and pass its result on."""
+        """Under the lock: account for a finished op (``PipelineRules``) and pass its result on."""
+        rules = self.rules
         if op == "F":
-            self.n_f[s] -= 1
-            if s + 1 < self.S:
+            if rules.forward_done(s, task):
                 self._fwd_in[s + 1][task.id] = out
-                self.ready_f[s + 1].append(task)
+                rules.ready_f[s + 1].append(task)
                 self._conds[s + 1].notify()
             else:
                 self.losses.append((task.id, out))
-                self.ready_b[s].append(task)
-            if s == 0:
-                self._stage0_free = True
-                if self.release == "async":
-                    self._release()
+            if s == 0 and rules.release == "async":
+                self._release()
         elif op == "B":
-            self.n_b[s] -= 1
-            if self.pools[s] is not None:
-                self.pools[s].release("train_activations", self.act[s])
-            self.backwards_done[s] += 1
-            if self.backwards_done[s] % self.global_batch == 0:
-                self.opt_due[s] += 1
-            if s > 0:
+            if rules.backward_done(s, task):
                 self._grad_in[s - 1][task.id] = out
-                self.ready_b[s - 1].append(task)
+                rules.ready_b[s - 1].append(task)
                 self._conds[s - 1].notify()
             else:
-                self._task_done(task)
-        else:
-            self.opt_due[s] -= 1
-            self.steps_done[s] += 1
-            v = min(self.steps_done)
-            if v > self.version:
-                self.version = v
-                self.on_version(self)
-
-    def _task_done(self, task: TrainTask) -> None:
-        now = self.live.now
-        task.finish_s = now
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.active_s += now - self._active_since
-            self._active_since = None
-        self.sequences_done += task.micro_batch
-        self.tokens_done += task.tokens
-        self.tasks_done += 1
-        self.on_task_done(task)
-        self._release()
+                rules.task_done(task, self.live.now)
+                self.on_task_done(task)
+                self._release()
+        elif rules.step_done(s):
+            self.on_version(self)
 
     # ------------------------------------------------------------------ kernels (outside the lock)
     def _kernel(self, s: int, op: str, task, x):
