@@ -62,6 +62,24 @@ Methods (column ``method``):
   - ``MIN_ITERATIONS + 2`` iterations before a side is ready leave at least ``MIN_ITERATIONS`` whole
     ones inside the window (one may be cut at the start, one at the end).
 
+* ``time_share`` (``device=cpu``, the partition method of a CPU calibration): the CPU's analogue of an
+  SM partition, as the live replay applies a partition's share on the CPU (``TimeShare`` in
+  ``simcolo/engine/sm_partition.py``, whose docstring says what it models and what not). A ``threads``
+  co-run in which side a flags "serving busy" while it runs an iteration and side b runs with the gate's
+  checkpoints between its layers (``sm_partition.paced``, forward and backward), the gate set to share
+  ``s``: while side a is busy, side b is kept busy at most ``1 - s`` of the time. Rows at each of the
+  grid's ``sm_shares``: ``sm_share_a`` = ``sm_share_a_actual`` = ``s``, ``sm_share_b`` = ``1 - s`` (shares
+  of time). Measured only for the kind pairs in ``TIME_SHARE_PAIRS`` (decode beside lora: the partition
+  policies, harli and static_share, partition a disaggregated decode instance beside LoRA finetuning; a
+  share query for another pair of a CPU table is a ``TableError``, "no SM-partition measurements"), to
+  keep the CPU calibration short, by the ``threads`` point itself (a point
+  with ``time_shares``; ``describe_method`` still lists ``threads``): in the first ``TIME_SHARE_ROUNDS``
+  of its rounds, after the unpaced co-run, one paced co-run per share; slowdowns are the median over
+  those rounds of the paced co-run latency over the round's (unpaced) solo latency, as ``threads``
+  computes them, so ``slowdown_b`` includes the time side b is made to sleep (as a green-context
+  slowdown includes the SMs it lacks). A paced co-run lasts longer than an unpaced one (side b needs
+  ``MIN_ITERATIONS + 2`` iterations at ``1 - s`` of the time; ~4x at ``s`` = 0.75), hence the fewer rounds.
+
 * MPS active-thread percentages need one process per side and a running MPS daemon; calibrate does
   not drive those, and says so in the metadata.
 
@@ -84,12 +102,18 @@ import torch.nn.functional as F
 from calibrate.context import Context
 from calibrate.grids import axis, scalar
 from simcolo.errors import ConfigError
-from simcolo.engine.sm_partition import GreenPartition, green_context_status
+from simcolo.engine.sm_partition import GreenPartition, green_context_status, paced, TimeShare
 
 MPS_NOTE = ("MPS not used: active-thread percentages need one process per side and a running MPS "
             "control daemon")
 #: ``threads``: whole iterations each side must have inside the overlap window of a co-run.
 MIN_ITERATIONS = 2
+#: ``time_share`` (CPU): the (kind_a, kind_b) pairs measured with the SM-partition analogue: the partition
+#: policies, harli and static_share, partition a (disaggregated) decode instance beside LoRA finetuning.
+TIME_SHARE_PAIRS = (("decode", "lora"),)
+#: ``time_share``: at most this many of the ``repeats`` rounds co-run paced at every share (a paced co-run
+#: lasts several times an unpaced one: side b runs ``1 - share`` of the time).
+TIME_SHARE_ROUNDS = 3
 
 
 # --------------------------------------------------------------------------------- green contexts
@@ -117,8 +141,14 @@ def threads_note() -> str:
             f"together at a threading.Barrier; torch intra-op threads per side: {seen[0]} "
             f"(torch.get_num_threads() in a worker thread), {os.cpu_count()} CPU cores; torch releases the GIL "
             f"inside its ops, the Python between them contends for the GIL (switch interval "
-            f"{sys.getswitchinterval() * 1e3:g} ms); no SM partition (shares 1). Co-run latency: mean of each "
-            "side's whole iterations inside the window where both threads run (calibrate/measure_interference.py)")
+            f"{sys.getswitchinterval() * 1e3:g} ms); method threads: no partition (shares 1). Co-run latency: mean "
+            "of each side's whole iterations inside the window where both threads run "
+            "(calibrate/measure_interference.py). "
+            "Partition method time_share (the CPU's analogue of an SM partition; "
+            f"{', '.join(f'{kb} beside {ka}' for ka, kb in TIME_SHARE_PAIRS)} only): the same co-run with side b "
+            "paced between its layers by the live replay's TimeShare gate (simcolo/engine/sm_partition.py), busy "
+            "at most 1 - s of the time while side a runs an iteration, at each of the grid's sm_shares s; "
+            f"slowdowns over the unpaced solo latencies, in the first {TIME_SHARE_ROUNDS} rounds")
 
 
 # --------------------------------------------------------------------------------- co-run timing
@@ -225,6 +255,45 @@ class CoRun:
         return (t[j] - t[i]) / (j - i)
 
 
+def _threads_row(p: dict[str, Any], alone_a: list[float], alone_b: list[float], runs: list[CoRun]) -> dict[str, Any]:
+    """A ``threads`` (or ``time_share``) row: per round the together / alone ratio, medians over the rounds."""
+    return {**p, "latency_a_alone_s": statistics.median(alone_a), "latency_b_alone_s": statistics.median(alone_b),
+            "latency_a_s": statistics.median(r.latency(0) for r in runs),
+            "latency_b_s": statistics.median(r.latency(1) for r in runs),
+            "slowdown_a": statistics.median(r.latency(0) / t for r, t in zip(runs, alone_a)),
+            "slowdown_b": statistics.median(r.latency(1) / t for r, t in zip(runs, alone_b)),
+            "repeats": len(runs)}
+
+
+def _time_share_together(fa: Callable[[], None], fb: Callable[[], None], model_b: torch.nn.Module, share: float,
+                         duration_s: float, min_iterations: int = MIN_ITERATIONS) -> CoRun:
+    """Method ``time_share``: :func:`_threads_together` with side a flagging "serving busy" while it runs
+    an iteration and side b (whose iterations run ``model_b``) paced between its layers by a
+    :class:`TimeShare` gate set to ``share``, as the live replay paces a finetune beside a serving
+    instance (module docstring)."""
+    busy = [False]
+
+    def side_a() -> None:
+        busy[0] = True
+        try:
+            fa()
+        finally:
+            busy[0] = False
+
+    gate = TimeShare(lambda: busy[0])
+    gate.set_share(share)
+    started = [False]
+
+    def side_b() -> None:
+        if not started[0]:   # the gate's clock starts with b's first iteration, not at the barrier
+            started[0] = True
+            gate.begin()
+        fb()
+
+    with paced(model_b, gate):
+        return _threads_together(side_a, side_b, duration_s, min_iterations)
+
+
 def _threads_together(fa: Callable[[], None], fb: Callable[[], None], duration_s: float,
                       min_iterations: int = MIN_ITERATIONS) -> CoRun:
     """Run ``fa`` and ``fb`` back to back in two threads started at a barrier until both have run
@@ -290,6 +359,8 @@ class InterferenceMeasurer:
         self.train_len = max([t for k in self.kinds_b for _, t in self.shapes[k]] + [1])
         self._models: dict[Any, torch.nn.Module] = {}
         self._partitions: dict[float, GreenPartition] = {}
+        #: CPU: the shares side a's unpartitioned ``threads`` point also measures with method ``time_share``
+        self.time_shares = sorted(set(self.shares)) if "threads" in self.methods else []
 
     def points(self) -> list[dict[str, Any]]:
         pts = []
@@ -302,6 +373,10 @@ class InterferenceMeasurer:
                         for unpartitioned in ("streams", "threads"):
                             if unpartitioned in self.methods:
                                 pts.append({**base, "method": unpartitioned, "sm_share_a": 1.0})
+                        if "threads" in self.methods and (kind_a, kind_b) in TIME_SHARE_PAIRS and self.time_shares:
+                            # the threads point also yields the time_share rows (same solo rounds); the shares
+                            # are part of its identity, so a resumed calibration with other shares re-measures it
+                            pts[-1]["time_shares"] = list(self.time_shares)
                         if "green_context" in self.methods:
                             pts += [{**base, "method": "green_context", "sm_share_a": s} for s in self.shares]
         return pts
@@ -343,22 +418,28 @@ class InterferenceMeasurer:
                  "slowdown_a": lat_a / ta, "slowdown_b": lat_b / tb, "repeats": len(runs)}]
 
     def _measure_threads(self, p: dict[str, Any]) -> list[dict[str, Any]]:
-        """Method ``threads`` (CPU): the sides in two Python threads (module docstring)."""
+        """Method ``threads`` (CPU): the sides in two Python threads (module docstring); for a point with
+        ``time_shares`` also method ``time_share`` at each share, one row each, from the same rounds."""
         fa, fb = self._side_a(p), self._side_b(p)
+        shares = p.get("time_shares", [])
         ta, tb = _thread_alone(fa, 3), _thread_alone(fb, 3)   # warm-up and a first estimate
         na, nb = max(3, round(self.duration_s / ta)), max(3, round(self.duration_s / tb))
         alone_a, alone_b, runs = [], [], []
-        for _ in range(self.ctx.timer.repeats):   # interleaved: a slow spell of the machine hits both
+        paced_runs: dict[float, list[CoRun]] = {s: [] for s in shares}
+        for i in range(self.ctx.timer.repeats):   # interleaved: a slow spell of the machine hits both
             alone_a.append(_thread_alone(fa, na))
             alone_b.append(_thread_alone(fb, nb))
             runs.append(_threads_together(fa, fb, self.duration_s))
-        sd_a = statistics.median(r.latency(0) / t for r, t in zip(runs, alone_a))
-        sd_b = statistics.median(r.latency(1) / t for r, t in zip(runs, alone_b))
-        return [{**p, "sm_share_a_actual": 1.0, "sm_share_b": 1.0,
-                 "latency_a_alone_s": statistics.median(alone_a), "latency_b_alone_s": statistics.median(alone_b),
-                 "latency_a_s": statistics.median(r.latency(0) for r in runs),
-                 "latency_b_s": statistics.median(r.latency(1) for r in runs),
-                 "slowdown_a": sd_a, "slowdown_b": sd_b, "repeats": len(runs)}]
+            if i < TIME_SHARE_ROUNDS:
+                model_b = self._models["lora" if p["kind_b"] == "lora" else "stage"]   # what fb runs
+                for s in shares:
+                    paced_runs[s].append(_time_share_together(fa, fb, model_b, s, self.duration_s))
+        rows = [{**_threads_row(p, alone_a, alone_b, runs), "sm_share_a_actual": 1.0, "sm_share_b": 1.0}]
+        for s in shares:
+            k = len(paced_runs[s])   # the rounds' own solo latencies: the first k
+            rows.append({**_threads_row(p, alone_a[:k], alone_b[:k], paced_runs[s]), "method": "time_share",
+                         "sm_share_a": s, "sm_share_a_actual": s, "sm_share_b": 1.0 - s})
+        return rows
 
     # ------------------------------------------------------------------ sides
 

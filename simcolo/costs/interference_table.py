@@ -11,13 +11,18 @@ Lookup rules:
   unpartitioned co-run). A kind pair with both is a :class:`TableError` (two devices' measurements
   in one table).
 * ``share_a`` a number in (0, 1]: an SM partition giving the serving side that share of the SMs
-  (as *asked for*: column ``sm_share_a``, the simulator's knob). The ``green_context`` medians are
-  linear in ``share_a`` between the measured shares and **clamped** outside them (the value at the
-  smallest / largest share measured is used; no extrapolation, which could go below 1 or explode).
+  (as *asked for*: column ``sm_share_a``, the simulator's knob), measured by the table's *partition
+  method*: ``green_context`` (CUDA green contexts) or ``time_share`` (a CPU calibration: the co-runner
+  thread paced by the live replay's ``TimeShare`` gate, the CPU analogue of an SM partition). A table
+  has at most one of them (rows of both are a :class:`TableError`: two devices' measurements in one
+  table). Its medians are linear in ``share_a`` between the measured shares and **clamped** outside
+  them (the value at the smallest / largest share measured is used; no extrapolation, which could go
+  below 1 or explode).
 * Slowdowns below 1 (measurement noise: co-running cannot speed a kernel up) are raised to 1.
-* A table without ``green_context`` rows (calibrated without green contexts) answers a share query
-  with a :class:`TableError` saying it has no SM-partition measurements; likewise a kind pair or
-  method the table lacks is a :class:`TableError` listing what it has.
+* A table without partition rows for the kind pair (calibrated without green contexts, or a kind the
+  CPU calibration does not pace) answers a share query with a :class:`TableError` saying it has no
+  SM-partition measurements; likewise a kind pair or method the table lacks is a :class:`TableError`
+  listing what it has.
 
 Lookups are a dict hit and a bisect over a handful of shares.
 """
@@ -35,12 +40,16 @@ from simcolo.errors import TableError
 #: Methods of an unpartitioned co-run (all shares 1), answering ``share_a=None``: CUDA streams, or the
 #: CPU's two threads (calibrate/measure_interference.py).
 UNPARTITIONED = ("streams", "threads")
+#: Methods of an SM-partitioned co-run (``sm_share_a`` < 1), answering a share query: CUDA green contexts,
+#: or the CPU's time-share gate (calibrate/measure_interference.py). A table has at most one.
+PARTITIONED = ("green_context", "time_share")
 #: Values of the ``method`` column this reader accepts.
-METHODS = tuple(dict.fromkeys((*INTERFERENCE_METHODS, *UNPARTITIONED)))
+METHODS = tuple(dict.fromkeys((*INTERFERENCE_METHODS, *UNPARTITIONED, *PARTITIONED)))
 
 
 class _Pair:
-    """Precomputed slowdowns of one (kind_a, kind_b): streams medians and green-context medians by share."""
+    """Precomputed slowdowns of one (kind_a, kind_b): unpartitioned (streams or threads) medians and the
+    partition method's medians by share."""
 
     __slots__ = ("streams", "shares", "sd_a", "sd_b")
 
@@ -67,12 +76,16 @@ class InterferenceTable:
 
     ``method`` is the metadata's ``interference_method`` (``green_context``, ``streams``, ``threads``, ...),
     ``'roofline'`` when the metadata has none (roofline directories), ``'none'`` for :meth:`none`.
+    ``partition_method`` is the method of the rows that answer share queries (``green_context`` or
+    ``time_share``), None when the table has none.
     """
 
-    def __init__(self, directory: Path | None, metadata: dict, method: str, pairs: dict[tuple[str, str], _Pair]):
+    def __init__(self, directory: Path | None, metadata: dict, method: str, pairs: dict[tuple[str, str], _Pair],
+                 partition_method: str | None = None):
         self.directory = None if directory is None else Path(directory)
         self.metadata = metadata
         self.method = method
+        self.partition_method = partition_method
         self._pairs = pairs
         self._none = directory is None
 
@@ -108,9 +121,14 @@ class InterferenceTable:
             if m in UNPARTITIONED and s != 1.0:
                 raise TableError(f"{path}: {_row_label(path, i)}, column 'sm_share_a': {s!r}; expected 1 for "
                                  f"method {m!r} (no SM partition)")
-            if m == "green_context" and s >= 1.0:
+            if m in PARTITIONED and s >= 1.0:
                 raise TableError(f"{path}: {_row_label(path, i)}, column 'sm_share_a': {s!r}; expected a share "
-                                 "< 1 for method 'green_context' (side b needs SMs too)")
+                                 f"< 1 for method {m!r} (side b needs SMs too)")
+        partitioned = [m for m in PARTITIONED if m in set(methods)]
+        if len(partitioned) > 1:
+            raise TableError(f"{path}: has rows of partition methods {partitioned}; an SM partition is measured one "
+                             "way (CUDA green contexts or the CPU's time share), not both")
+        part = partitioned[0] if partitioned else None
         keys = list(zip(kind_a, a_x, a_y, kind_b, b_mb, b_seq, methods, share_a))
         _no_duplicates(keys, ("kind_a", "a_x", "a_y", "kind_b", "b_micro_batch", "b_seq_len", "method",
                               "sm_share_a"), path)
@@ -127,10 +145,10 @@ class InterferenceTable:
                 raise TableError(f"{path}: kind_a={ka!r}, kind_b={kb!r} has rows of methods {found}; an "
                                  "unpartitioned co-run is measured one way (CUDA streams or CPU threads), not both")
             streams = med[(ka, kb, found[0], 1.0)] if found else None
-            shares = sorted(k[3] for k in med if k[:3] == (ka, kb, "green_context"))
-            pairs[(ka, kb)] = _Pair(streams, shares, [med[(ka, kb, "green_context", s)][0] for s in shares],
-                                    [med[(ka, kb, "green_context", s)][1] for s in shares])
-        return cls(directory, meta, str(method), pairs)
+            shares = sorted(k[3] for k in med if k[:3] == (ka, kb, part))
+            pairs[(ka, kb)] = _Pair(streams, shares, [med[(ka, kb, part, s)][0] for s in shares],
+                                    [med[(ka, kb, part, s)][1] for s in shares])
+        return cls(directory, meta, str(method), pairs, part)
 
     @classmethod
     def none(cls) -> "InterferenceTable":
@@ -140,7 +158,7 @@ class InterferenceTable:
     def slowdown(self, kind_a: str, kind_b: str, share_a: float | None) -> tuple[float, float]:
         """(slowdown of the serving kernel ``kind_a``, slowdown of the training kernel ``kind_b``),
         both >= 1, when they co-run with plain streams or, on the CPU, in two threads (``share_a`` None)
-        or with ``share_a`` of the SMs given to the serving side."""
+        or with ``share_a`` of the SMs given to the serving side (on the CPU: of the time, ``time_share``)."""
         if kind_a not in INTERFERENCE_KINDS_A:
             raise ValueError(f"kind_a {kind_a!r}; expected one of {list(INTERFERENCE_KINDS_A)}")
         if kind_b not in INTERFERENCE_KINDS_B:
@@ -161,9 +179,10 @@ class InterferenceTable:
         else:
             if not pair.shares:
                 raise TableError(f"{self._file()}: the table has no SM-partition measurements (no "
-                                 f"'green_context' rows for kind_a={kind_a!r}, kind_b={kind_b!r}; "
+                                 f"'green_context' or 'time_share' rows for kind_a={kind_a!r}, kind_b={kind_b!r}; "
                                  f"interference_method: {self.method!r}); ask with share_a=None (plain "
-                                 "streams) or measure with green contexts")
+                                 "streams) or measure with green contexts (CUDA) or the time share (a CPU "
+                                 "calibration)")
             a, b = pair.partition(share_a)
         return (a if a > 1.0 else 1.0), (b if b > 1.0 else 1.0)
 

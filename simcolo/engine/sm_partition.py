@@ -12,8 +12,10 @@ Two mechanisms, one per kind of device:
   they work on a device, and why not.
 
 * :class:`TimeShare` (the CPU, and CUDA time slicing): a gate that a co-runner's thread passes between
-  its layers (:func:`layer_checkpoints` puts the checkpoints on a model's blocks, forward and backward),
-  where it may be made to sleep.
+  its layers, where it may be made to sleep. :func:`paced` installs the checkpoints on a model's blocks
+  (forward and backward) for the duration of a ``with`` block and removes them after; the live replay's
+  finetuner paces its LoRA micro-batches with it, and calibration (``calibrate/measure_interference.py``,
+  method ``time_share``) its co-run LoRA steps. :func:`layer_checkpoints` is the hook plumbing underneath.
 
 The CPU analogue of an SM partition, and what it is not
 --------------------------------------------------------
@@ -48,9 +50,10 @@ finetuner does that.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -234,3 +237,57 @@ def layer_checkpoints(modules: Iterable[torch.nn.Module], checkpoint: Callable[[
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
     return handles
+
+
+# --------------------------------------------------------------------------------- pacing a model
+
+class Cancelled(Exception):
+    """Raised at a checkpoint of a :func:`paced` computation once its ``cancelled()`` is true: it propagates
+    out of the forward or ``backward``/``autograd.grad`` call that was running."""
+
+
+def pace_points(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Where a model is paced: before each decoder block and the LM head (``model.layers``, ``model.lm_head``
+    of ``engine.model.Llama`` and of its LoRA copies), forward and backward."""
+    head = getattr(model, "lm_head", None)
+    return [*model.layers, *([head] if head is not None else [])]
+
+
+@contextlib.contextmanager
+def paced(model: torch.nn.Module, gate: TimeShare | None, *, cancelled: Callable[[], bool] = lambda: False,
+          before: Callable[[], None] | None = None) -> Iterator[None]:
+    """Inside the ``with`` block, every forward and backward through ``model`` passes a checkpoint between
+    its layers (:func:`pace_points`): ``before()`` (e.g. synchronize the co-runner's stream, so the gate
+    measures device time), then ``gate.checkpoint(cancelled)`` (pacing; skipped when ``gate`` is None:
+    cancellation checks only). When ``cancelled()`` is true before or after the gate, :class:`Cancelled` is
+    raised out of the forward / backward running. The gate's clock starts on entry (``gate.begin()``, so
+    what ran before is not charged); on exit the hooks are removed, and a backward of a graph recorded
+    inside that runs after the block passes no checkpoint (the tensor hooks left on its outputs are inert).
+
+    One thread's computation at a time: the hooks are on the model, so a forward of the same model in
+    another thread while the block is open is paced too (the live replay paces its own LoRA copy of the
+    served model, which serving never runs).
+    """
+    active = True
+
+    def checkpoint() -> None:
+        if not active:
+            return
+        if cancelled():
+            raise Cancelled
+        if gate is not None:
+            if before is not None:
+                before()
+            gate.checkpoint(cancelled)
+            if cancelled():
+                raise Cancelled
+
+    handles = layer_checkpoints(pace_points(model), checkpoint)
+    try:
+        if gate is not None:
+            gate.begin()
+        yield
+    finally:
+        active = False
+        for h in handles:
+            h.remove()

@@ -16,8 +16,9 @@ The cycle of a micro-batch:
    reserved at construction); the blocks are lent, the sequences taken from the pool, the knob applied;
 2. *compute* (outside the lock): forward and backward (``torch.autograd.grad`` over the adapter
    parameters); a checkpoint before each layer's forward and each layer's backward (hooks on the adapted
-   twin's blocks and LM head, so serving's forwards never pass them) paces the thread
-   (``engine.sm_partition.TimeShare``) and notices an abort;
+   twin's blocks and LM head, so serving's forwards never pass them, installed for the computation only
+   by ``engine.sm_partition.paced``) paces the thread (``engine.sm_partition.TimeShare``) and notices an
+   abort;
 3. *done* (under the lock): blocks given back, sequences finished (``pool.finish``; ``on_task_done`` for
    finished tasks); only then is the micro-batch's gradient added to the adapters' ``.grad`` (an aborted
    micro-batch leaves no partial gradient); every ``global_batch`` completed micro-batches the optimizer
@@ -61,17 +62,13 @@ from dataclasses import dataclass
 
 import torch
 
-from simcolo.engine.sm_partition import GreenPartition, TimeShare, green_context_status, layer_checkpoints
+from simcolo.engine.sm_partition import Cancelled, GreenPartition, TimeShare, green_context_status, paced
 from simcolo.metrics.training_summary import TrainerReport
 from simcolo.policies.base import FinetuneState
 from simcolo.training.lora_finetuner import SequencePool, finetune_state, fit_micro_batch
 
 #: bound on the plans kept (as ``LoraFinetuner``)
 MAX_PLANS = 100_000
-
-
-class _Aborted(Exception):
-    """Raised at a layer checkpoint: the micro-batch in flight was aborted (or the replay stopped)."""
 
 
 @dataclass
@@ -114,8 +111,6 @@ class LiveFinetuner:
         self._phase: str | None = None        # "microbatch" | "optimizer" | None
         self._wake_pending = True             # try to start when the thread starts
         self._abort_requested = False
-        self._paced = False                   # inside a micro-batch's computation (checkpoints active)
-        self._sync_stream = None              # CUDA time slicing: the stream synchronized at checkpoints
         self._step_start = 0.0
         self._tokens_at_step = 0
         self._partitions: dict[float, GreenPartition] = {}
@@ -124,8 +119,6 @@ class LiveFinetuner:
         self._gate_on = device.type != "cuda" or self.sharing == "time_slice"
         self._green_why: str | None = None
         self.sharing_method = self._sharing_method()
-        adapted = runner.adapted
-        self._hooks = layer_checkpoints([*adapted.layers, adapted.lm_head], self._checkpoint)
         with live.lock:
             instance.on_iteration = self.on_iteration
             instance.on_iteration_end = self.on_iteration_end
@@ -310,37 +303,23 @@ class LiveFinetuner:
         return torch.cat(rows).to(self.device)
 
     def _compute(self, job: _MicroBatch) -> tuple | None:
-        """Forward + backward of the micro-batch; its adapter gradients, or None if it was aborted."""
+        """Forward + backward of the micro-batch; its adapter gradients, or None if it was aborted.
+
+        Between two layers (forward or backward) a checkpoint (``paced``) stops an aborted micro-batch and,
+        where the gate is on, paces the thread (on CUDA after synchronizing the stream: device time)."""
         runner = self.runner
         with self._stream_ctx(job):
             ids = self._token_ids(job)
-            if self.device.type == "cuda" and self._gate_on:
-                self._sync_stream = job.stream
-            self.gate.begin()
-            self._paced = True
+            gate = self.gate if self._gate_on else None
+            sync = job.stream.synchronize if self.device.type == "cuda" and gate is not None else None
             try:
-                loss = runner.forward(ids)
-                grads = torch.autograd.grad(loss, runner.adapter_params)
-                self.live.synchronize(self.device)
-            except _Aborted:
+                with paced(runner.adapted, gate, cancelled=self._cancelled, before=sync):
+                    loss = runner.forward(ids)
+                    grads = torch.autograd.grad(loss, runner.adapter_params)
+                    self.live.synchronize(self.device)
+            except Cancelled:
                 return None
-            finally:
-                self._paced = False
-                self._sync_stream = None
         return grads
-
-    def _checkpoint(self) -> None:
-        """Between two layers (forward or backward) of a finetune computation: abort, or pace."""
-        if not self._paced:
-            return   # warm-up, or a computation that is not a micro-batch
-        if self._abort_requested or self.live.stopped:
-            raise _Aborted
-        if self._gate_on:
-            if self._sync_stream is not None:
-                self._sync_stream.synchronize()
-            self.gate.checkpoint(self._cancelled)
-            if self._abort_requested or self.live.stopped:
-                raise _Aborted
 
     def _cancelled(self) -> bool:
         return self._abort_requested or self.live.stopped
