@@ -54,7 +54,6 @@ class Backend:
         self.placement = None               # colocation.nodes.TrainingPlacement (pipelines layouts)
         self.stream = None
         self.tasks_done = 0
-        self.tokens_done = 0
         self.learning_curve = LearningCurve.from_config(plan.training.learning_curve) if self.training else None
         policy.bind(plan.predictor)
 
@@ -64,18 +63,12 @@ class Backend:
 
     # ------------------------------------------------------------------ training tasks
     def _task_done(self, task) -> None:
-        """A training task finished: count it, let the data stream replace or retire it, and offer the
-        tasks the policy deferred again."""
+        """A training task finished (every trainer of both backends calls this): count it, let the data
+        stream replace or retire it, and offer the tasks the policy deferred again."""
         self.tasks_done += 1
-        self.tokens_done += task.tokens
         self.stream.task_done(task)
         if self.placement is not None:
             self.placement.retry()
-
-    @property
-    def deferred(self) -> list:
-        """Training tasks the policy has deferred and not yet placed."""
-        return self.placement.deferred if self.placement is not None else []
 
     # ------------------------------------------------------------------ the request stream
     def on_request_arrival(self) -> None:

@@ -2,9 +2,11 @@
 
 ``LiveInstance`` *is* a :class:`~simcolo.serving.batch_scheduler.BatchScheduler` (admission, token budget,
 KV blocks with watermark, preemption by recomputation, token accounting, model versions), the same
-class the simulator's driver is built on: only the clock and the iteration's end differ. Each instance has a thread that plans an iteration under the
-replay's lock, runs its kernels outside it on the real model (``ServingRunner``: continuous batching
-over a KV cache), and completes the iteration at the wall-clock time the kernels finished. So the
+class the simulator's driver is built on: only the clock and the iteration's end differ. Each instance
+has a thread that plans an iteration under the replay's lock, runs its kernels outside it on the real
+model (``engine.runner.ServingRunner``: continuous batching over a KV cache of ragged sequences; chunks
+continue a cached prefix; a prefill instance copies a finished prefill's KV out for the decode instance,
+which imports it), and completes the iteration at the wall-clock time the kernels finished. So the
 simulator and the replay make the same scheduling decisions for the same state; what differs is only
 how long things take, which is what the comparison measures.
 
@@ -79,6 +81,9 @@ class LiveInstance(BatchScheduler):
                 start = live.now
                 active = {r.id for r in self.running}
                 active.update(r.id for r in self.prefilling)
+                for r, _ in chunks:   # KV that arrived for a request preempted before it ever decoded here
+                    if r.id in self.inbox:
+                        self._tokens[r.id] = self.inbox.pop(r.id)[2]
                 # (key, the chunk's token ids, its offset in the prompt, True if it completes the prompt)
                 prompts = [(r.id, *self._chunk_ids(r, c)) for r, c in chunks]
                 decode_ids = [r.id for r in decodes]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from simcolo.errors import ConfigError
 from simcolo.hardware.cluster import Cluster
 from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.policies.base import RoutingPolicy
