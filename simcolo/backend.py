@@ -70,6 +70,13 @@ class Backend:
         if self.placement is not None:
             self.placement.retry()
 
+    def _node_version(self, pipe) -> None:
+        """A co-located node's pipeline made a new version: its serving instance serves it at once."""
+        self.system.instances[pipe.index].model_version = pipe.version
+        t = self.training
+        self.records.add(pipe.index, pipe.version, float("nan"), self.now, t.global_batch,
+                         t.global_batch * t.micro_batch * t.seq_len)
+
     # ------------------------------------------------------------------ the request stream
     def on_request_arrival(self) -> None:
         if self.stream is not None:

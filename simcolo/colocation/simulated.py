@@ -84,12 +84,6 @@ class SimBackend(Backend):
         self.training_parts = [self.placement]
         self._place = self.placement.place
 
-    def _node_version(self, pipe) -> None:
-        self.nodes[pipe.index].instance.model_version = pipe.version
-        t = self.training
-        self.records.add(pipe.index, pipe.version, float("nan"), self.env.now, t.global_batch,
-                         t.global_batch * t.micro_batch * t.seq_len)
-
     # ------------------------------------------------------------------ LoRA finetuning on decode GPUs
     def _finetune(self, p: FinetunePlan) -> None:
         self.pool = SequencePool()

@@ -190,13 +190,6 @@ class LiveBackend(Backend):
         self.training_parts = [self.placement]
         self._place = self.placement.place
 
-    def _node_version(self, pipe) -> None:
-        inst = self.system.instances[pipe.index]
-        inst.model_version = pipe.version
-        t = self.training
-        self.records.add(pipe.index, pipe.version, math.nan, self.live.now, t.global_batch,
-                         t.global_batch * t.micro_batch * t.seq_len)
-
     def _isolated(self, p: IsolatedTrainingPlan) -> None:
         from simcolo.engine.model import build_model
         from simcolo.engine.runner import TrainingRunner
