@@ -27,7 +27,7 @@ from calibrate.measure_transfer import TransferMeasurer
 from calibrate.progress import point_key, ProgressLog, progress_bar
 from calibrate.timing import CallTimer
 from calibrate.write import complete_grid, environment, GRID_TABLES, now_iso, write_calibration
-from simcolo import configs as simcolo_configs
+from simcolo.config.compose import load_config as load_simcolo_config
 from simcolo.costs.schema import table_dir_name
 from simcolo.errors import ConfigError
 from simcolo.specs import gpu_spec_from_mapping, GPUSpec, load_gpu_spec, model_spec_from_mapping
@@ -56,7 +56,7 @@ class Result:
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The config ``python -m calibrate <overrides>`` would run, without starting a Hydra job."""
-    return simcolo_configs.load_config(overrides, config_name="calibrate")
+    return load_simcolo_config(overrides, config_name="calibrate")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -33,7 +33,7 @@ SCENARIOS["colocated"] = ("Azure conv trace (19,366 requests, ~1 h) on 8 H100s, 
 
 
 def _timed(overrides: list[str]):
-    from simcolo.configs import load_config
+    from simcolo.config.compose import load_config
     from simcolo.simulate import simulate
 
     with tempfile.TemporaryDirectory() as out:  # warm-up: first-use imports and caches, not timed
@@ -62,7 +62,7 @@ def run_colocated() -> None:
 
 
 def run_one(name: str) -> None:
-    from simcolo.configs import load_config
+    from simcolo.config.compose import load_config
     from simcolo.simulate import simulate
 
     if name == "colocated":

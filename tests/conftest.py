@@ -4,7 +4,7 @@ import warnings
 import pandas as pd
 import pytest
 
-from simcolo.configs import load_config
+from simcolo.config.compose import load_config
 from simcolo.costs import OffGridWarning
 from simcolo.simulate import simulate
 

@@ -47,7 +47,7 @@ def _clean(v):
 
 def pinned_result(overrides: list[str]) -> dict:
     """The run's summary, and digests of its per-request and per-step records."""
-    from simcolo.configs import load_config
+    from simcolo.config.compose import load_config
     from simcolo.costs import OffGridWarning
     from simcolo.simulate import simulate
 

@@ -8,7 +8,7 @@ import yaml
 
 from simcolo.config import (ClusterConfig, FullTraining, LearningCurveConfig, LoraFinetune, ReplayConfig, RunConfig,
                             TrainingData)
-from simcolo.configs import load_config
+from simcolo.config.compose import load_config
 from simcolo.errors import ConfigError
 from simcolo.hardware.environment import SimEnvironment
 from simcolo.paths import CONF_DIR

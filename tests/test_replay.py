@@ -212,7 +212,7 @@ def test_fidelity_runner_plans_every_policy_on_its_setting(cpu_calibration):
     """``python -m simcolo.replay.fidelity --policies all``: every policy's simulation and replay config
     loads, passes the live checks and plans on the CPU setting (the runs themselves are the fidelity job)."""
     from simcolo.config.run import RunConfig
-    from simcolo.configs import load_config
+    from simcolo.config.compose import load_config
     from simcolo.hardware.cluster import Topology
     from simcolo.layout.plan import plan_layout
     from simcolo.policies import POLICIES, make_policy

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from simcolo.config.run import RunConfig
-from simcolo.configs import load_config
+from simcolo.config.compose import load_config
 from simcolo.engine.model import build_model
 from simcolo.engine.runner import LoraTrainingRunner, ServingRunner
 from simcolo.engine.sm_partition import TimeShare, layer_checkpoints

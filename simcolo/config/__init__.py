@@ -1,5 +1,5 @@
 """Typed config, read once at the edge: ``RunConfig.from_cfg(cfg)`` turns the composed Hydra config into
-frozen dataclasses, one per group, each cast and validated where it is read (``simcolo.configs.load_config``
+frozen dataclasses, one per group, each cast and validated where it is read (``simcolo.config.compose.load_config``
 composes the config; this package reads it)."""
 from simcolo.config.groups import ClusterConfig, CostsConfig, MetricsConfig, ReplayConfig, SimConfig, SloConfig
 from simcolo.config.run import RunConfig

@@ -1,5 +1,5 @@
 """The whole run's config, read once at the edge: ``RunConfig.from_cfg(cfg)`` turns the composed Hydra config
-(``simcolo.configs.load_config``, or the CLI's) into frozen, typed, validated parts.
+(``simcolo.config.compose.load_config``, or the CLI's) into frozen, typed, validated parts.
 
 What is checked here: every group's own values (types, ranges, choices, unknown keys), the token budget
 against the model's context. What needs the layout a policy builds (GPU counts, memory fit) is checked when it is built.

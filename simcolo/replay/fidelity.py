@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.repeats < 1:
         ap.error("--repeats must be >= 1")
-    from simcolo.configs import load_config
+    from simcolo.config.compose import load_config
 
     work = Path(a.work or PROJECT_ROOT / "outputs" / "fidelity" / a.setting).resolve()
     work.mkdir(parents=True, exist_ok=True)
