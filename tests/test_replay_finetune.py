@@ -287,16 +287,20 @@ def test_time_share_never_holds_back_a_corunner_while_serving_is_idle():
     assert gate.paused_s < 0.05 and gate.charged_s == 0 and gate.busy_s > 0
 
 
-def test_time_slice_spends_a_budget_per_serving_iteration():
-    fraction, period = 0.2, 0.02          # each 20 ms "iteration" grants 5 ms
-    gate = TimeShare(lambda: True)
+def test_time_slice_holds_the_corunner_while_serving_runs_and_frees_it_in_the_pauses():
+    fraction, period = 0.2, 0.02          # 20 ms "iterations", each followed by a 5 ms pause
+    serving = {"busy": True}
+    gate = TimeShare(lambda: serving["busy"])
     gate.set_time_slice(fraction)
     stop = threading.Event()
 
     def iterations():
         while not stop.is_set():
+            serving["busy"] = True
             time.sleep(period)
-            gate.grant(period)
+            serving["busy"] = False
+            time.sleep(period * fraction / (1 - fraction))
+        serving["busy"] = False
 
     t = threading.Thread(target=iterations, daemon=True)
     t.start()
@@ -306,8 +310,8 @@ def test_time_slice_spends_a_budget_per_serving_iteration():
     finally:
         stop.set()
         t.join()
-    assert cpu / wall <= fraction / (1 - fraction) + 0.2
-    assert gate.paused_s > 0
+    assert cpu / wall <= fraction + 0.2           # it ran (about) only in the pauses
+    assert gate.paused_s > 0.5 * wall
 
 
 def test_gate_knobs_are_checked():

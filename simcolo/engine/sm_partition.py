@@ -39,14 +39,12 @@ holds over many layers, not within one); time is wall time, so a thread that wai
 core while "busy" is charged for it; and serving's idle/busy state is read between layers (a change
 inside a layer is seen at the next checkpoint).
 
-Time slicing (FlexLLM-style token interleaving, ``sharing="time_slice"``) uses the same gate with a
-budget instead of a debt: when a serving iteration of duration ``d`` ends, the co-runner is granted
-``d * f / (1 - f)`` seconds (``f`` the finetune's fraction of the time), which it spends layer by layer;
-then it waits for the next grant. While serving is idle it runs freely. A grant replaces what was left of
-the previous one (a per-iteration budget, not a savings account), less any overdraft (a layer is not cut
-short when the budget runs out; the next grant pays for it). On CUDA the gate measures time only
-after synchronizing the co-runner's stream at each checkpoint (kernel launches are asynchronous); the
-finetuner does that.
+Time slicing (FlexLLM-style token interleaving, ``sharing="time_slice"``): the two sides never overlap.
+The gate holds the co-runner at its next layer while serving runs an iteration; the serving side pauses
+after each iteration for the co-runner's slice (``replay.finetuner`` does the pausing: the iteration's
+predicted solo time times ``f / (1 - f)``, ``f`` the finetune's fraction of the time), during which the
+gate lets it run. While serving is idle the co-runner runs freely. On CUDA the
+finetuner synchronizes its stream at each checkpoint, so that a hold stops the device work too.
 """
 from __future__ import annotations
 
@@ -126,7 +124,6 @@ class TimeShare:
         self.min_sleep_s, self.poll_s, self.clock = min_sleep_s, poll_s, clock
         self.share: float | None = None        # partition: serving's share (None: no partition)
         self.time_slice: float | None = None   # time slicing: the co-runner's fraction (None: not slicing)
-        self.budget_s = 0.0                    # time slicing: what is left of the last grant
         self.debt_s = 0.0                      # partition: sleep owed
         self.busy_s = self.paused_s = self.charged_s = 0.0
         self._last: float | None = None
@@ -142,18 +139,11 @@ class TimeShare:
         self.share, self.time_slice = share, None
 
     def set_time_slice(self, fraction: float | None) -> None:
-        """Time-slice mode: the co-runner's fraction of each serving iteration's time (``None``: no limit)."""
+        """Time-slice mode: the co-runner runs only while serving does not (``fraction``: its share of the
+        time, which the serving side's pauses give it; ``None``: no limit)."""
         if fraction is not None and not 0.0 < fraction < 1.0:
             raise ValueError(f"time slice must be in (0, 1), got {fraction}")
         self.time_slice, self.share = fraction, None
-
-    def grant(self, iteration_s: float) -> None:
-        """Time-slice mode: a serving iteration of ``iteration_s`` seconds ended; its budget replaces
-        what was left of the last (an overdraft -- the layer that ran past it -- is paid from the new one)."""
-        f = self.time_slice
-        with self._cond:
-            self.budget_s = (iteration_s * f / (1.0 - f) if f is not None else 0.0) + min(0.0, self.budget_s)
-            self._cond.notify_all()
 
     def interrupt(self) -> None:
         with self._cond:
@@ -200,14 +190,11 @@ class TimeShare:
         self.paused_s += self.clock() - start
 
     def _slice(self, ran: float, busy: bool, cancelled) -> None:
-        """Spend the budget; when it is gone, wait for the next grant (or for serving to go idle)."""
+        """Time slicing: hold the co-runner while serving runs an iteration."""
         start = self.clock()
         with self._cond:
-            if busy:
-                self.budget_s -= ran
             seen = self._interrupts
-            while (self.budget_s <= 0 and self.time_slice is not None and self._interrupts == seen
-                   and not cancelled() and self.serving_busy()):
+            while self.time_slice is not None and self._interrupts == seen and not cancelled() and self.serving_busy():
                 self._cond.wait(self.poll_s)
         self.paused_s += self.clock() - start
 

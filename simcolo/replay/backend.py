@@ -229,9 +229,6 @@ class LiveBackend(Backend):
                                self.plan.predictor, runner, p.seq_len, p.global_batch, p.static_blocks,
                                self.model.vocab_size, self._task_done,
                                lambda v, s, e, tokens, k=k: self.records.add(k, v, s, e, p.global_batch, tokens))
-            inst.on_iteration = ft.on_iteration
-            inst.on_iteration_end = ft.on_iteration_end
-            inst.training_beside = lambda ft=ft: ft.busy
             self.trainers.append(ft)
         self._place = self.pool.add
 

@@ -43,11 +43,13 @@ applied:
   ``sharing_method`` says why. On the CPU the time gate keeps the thread busy at most ``1 - share`` of the
   time while serving runs an iteration, re-read at every layer (``engine/sm_partition.py`` says what that
   analogue models and what not).
-* ``sharing="time_slice"`` (flexllm; the knob is the finetune's fraction ``f`` of the time): after each
-  serving iteration of duration ``d`` (``on_iteration_end``) the finetune gets ``d * f / (1 - f)`` seconds,
-  spent layer by layer through the same gate, then waits for the next iteration; it runs freely while the
-  instance is idle. On CUDA each checkpoint synchronizes the finetune's stream so the budget is device
-  time.
+* ``sharing="time_slice"`` (flexllm; the knob is the finetune's fraction ``f`` of the time): the two
+  interleave in time, never overlapping: the gate holds the finetune at its next layer while the instance
+  runs an iteration, and after each iteration the serving thread pauses for the slice the policy budgeted
+  (the tables' solo latency of that iteration times ``f / (1 - f)``) while the finetune has work
+  (``after_iteration``), so an iteration and its slice take what the simulator's stretched iteration does
+  when the tables hold; the finetune runs freely while the instance is
+  idle. On CUDA each checkpoint synchronizes the finetune's stream, so a hold stops the device work too.
 
 Measured beside the simulator's counters: ``plans`` (as ``LoraFinetuner``'s), ``train_busy_s`` (wall time
 with a micro-batch or optimizer step in flight, gate pauses included: a partitioned kernel is running),
@@ -58,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -115,13 +118,15 @@ class LiveFinetuner:
         self._tokens_at_step = 0
         self._partitions: dict[float, GreenPartition] = {}
         self._cond = live.condition()
-        self.gate = TimeShare(lambda: instance.running_kind is not None)
+        self._serving_paused = False   # time slicing: serving is pausing for the finetune's slice
+        self.gate = TimeShare(lambda: instance.running_kind is not None and not self._serving_paused)
         self._gate_on = device.type != "cuda" or self.sharing == "time_slice"
         self._green_why: str | None = None
         self.sharing_method = self._sharing_method()
         with live.lock:
             instance.on_iteration = self.on_iteration
             instance.on_iteration_end = self.on_iteration_end
+            instance.after_iteration = self.after_iteration
             instance.training_beside = lambda: self.busy
             if self.static_memory:   # the static-share carve-out, for good
                 instance.lend(static_blocks)
@@ -181,9 +186,23 @@ class LiveFinetuner:
             self.wake()
 
     def on_iteration_end(self, inst, kind: str, start_s: float, end_s: float) -> None:
-        """A serving iteration ended: time slicing grants its budget."""
-        if self.sharing == "time_slice":
-            self.gate.grant(end_s - start_s)
+        """A serving iteration ended (partition mode: nothing to do; time slicing pauses serving after it)."""
+
+    def after_iteration(self, inst, predicted_s: float) -> None:
+        """Outside the lock, in the serving thread, after an iteration whose solo latency the tables put at
+        ``predicted_s``. Time slicing (FlexLLM-style token interleaving, no overlap): while the finetune has
+        work, serving pauses for the finetune's slice, ``predicted_s * f / (1 - f)`` -- the finetune tokens
+        the policy budgeted for this iteration, as time -- and the finetune runs alone meanwhile; during the
+        iterations themselves the gate holds it. An iteration and its slice take ``d + predicted_s * f /
+        (1 - f)``: the simulator's stretched iteration, ``predicted_s / (1 - f)``, when the tables hold."""
+        f = self.gate.time_slice
+        if self.sharing != "time_slice" or f is None or not (self.busy or self.pool.available):
+            return
+        self._serving_paused = True
+        try:
+            time.sleep(predicted_s * f / (1.0 - f))
+        finally:
+            self._serving_paused = False
 
     def reclaim(self, inst) -> None:
         """Decode needs the blocks: abort the micro-batch in flight and give every block back now."""

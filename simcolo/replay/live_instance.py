@@ -41,6 +41,9 @@ class LiveInstance(BatchScheduler):
         #: (instance, kind, start_s, end_s): a finetuner on a decode instance re-plans and paces itself there
         self.on_iteration = None
         self.on_iteration_end = None
+        #: called outside the lock after each iteration, in this thread (a time-sliced finetune's slice runs
+        #: there: the next iteration starts when it is spent)
+        self.after_iteration = None
         #: prefill/decode disaggregation: KV caches (k, v, tokens so far) copied out after a prefill (outbox,
         #: by request id, until the backend sends them) and received from a prefill instance (inbox)
         self.outbox: dict[int, tuple] = {}
@@ -98,6 +101,8 @@ class LiveInstance(BatchScheduler):
                 self.complete_iteration(plan, end)
                 if self.on_iteration_end is not None:
                     self.on_iteration_end(self, kind, start, end)
+            if self.after_iteration is not None:
+                self.after_iteration(self, predicted)
 
     def _run_kernels(self, active: set[int], prompts: list, decode_ids: list[int], arrived: list) -> None:
         runner = self.runner
