@@ -17,7 +17,8 @@ median measured value over the repeats and its relative error, the smallest and 
 error of single repeats, and the calibration drift. Everything goes to ``--work`` (default
 ``outputs/fidelity/<setting>``); with ``--out`` the small results (the report, each repeat's
 ``compare.csv``, the ``summary.json`` files, the calibrations' ``metadata.json`` and drift) are copied
-there, the folder the project commits.
+there, the folder the project commits. ``--add`` re-measures the policies named into an existing ``--work``
+report, keeping the others' results.
 """
 from __future__ import annotations
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="replays per policy (default 3; the median is reported)")
     ap.add_argument("--work", default=None, help="where every output goes (default outputs/fidelity/<setting>)")
     ap.add_argument("--out", default=None, help="copy the small results here (e.g. fidelity/cpu-tiny)")
+    ap.add_argument("--add", action="store_true",
+                    help="keep the other policies' results already in --work and add (or replace) these")
     ap.add_argument("overrides", nargs="*", help="more key=value overrides for the simulation and the replay")
     a = ap.parse_args(argv)
     if a.repeats < 1:
@@ -161,6 +164,11 @@ def main(argv: list[str] | None = None) -> None:
             df["metric"] = df.metric + IN_SITU_SUFFIX
             rows.append(df)
     runs = pd.concat(rows, ignore_index=True)
+    if a.add and (work / "fidelity_runs.csv").exists():   # re-measured policies replace their earlier rows
+        earlier = pd.read_csv(work / "fidelity_runs.csv")
+        runs = pd.concat([earlier[~earlier.policy.isin(policies)], runs], ignore_index=True)
+        kept = json.loads((work / "drift.json").read_text()) if (work / "drift.json").exists() else {}
+        drift = {**{p: d for p, d in kept.items() if p not in drift}, **drift}
     runs.to_csv(work / "fidelity_runs.csv", index=False)
     table = _aggregate(runs)
     table.to_csv(work / "fidelity.csv", index=False)
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     (work / "fidelity.md").write_text(md)
     print(md)
     if a.out:
-        _publish(work, Path(a.out), policies, a.repeats)
+        _publish(work, Path(a.out), sorted(set(runs.policy)), a.repeats)
 
 
 def _aggregate(runs: pd.DataFrame) -> pd.DataFrame:
@@ -186,7 +194,8 @@ def _aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _markdown(table: pd.DataFrame, drift: dict, a) -> str:
-    lines = [f"Setting `{a.setting}` on `{a.device}`, {a.repeats} replays per policy "
+    repeats = sorted(set(table.repeats))
+    lines = [f"Setting `{a.setting}` on `{a.device}`, {'/'.join(map(str, repeats))} replays per policy "
              f"(`python -m simcolo.replay.fidelity --setting {a.setting} --device {a.device} --repeats {a.repeats}`). "
              f"*simulated*: on the calibration made just before; *in-situ tables*: the same simulation with the "
              f"prefill, decode and training tables rescaled by what the replays measured for the same work "
