@@ -245,9 +245,11 @@ def test_harli_live_decode_never_waits_for_blocks_held_by_finetuning(cpu_calibra
     harli = run_replay(*common(cpu_calibration, n=24, rate=24), "policy=harli", *HARLI, out_dir=tmp_path / "h")
     s = harli.summary
     assert s["num_finished"] == 24 and s["finetune_microbatches"] > 0 and s["optimizer_steps"] > 0
-    assert s["finetune_aborted_microbatches"] > 0        # decode took its blocks back mid micro-batch
+    # decode takes its blocks back at once whenever it runs short (aborting the micro-batch in flight:
+    # how often depends on timing, so only the outcome is asserted)
     assert s["decode_waits_on_finetune_blocks"] == 0
-    # the static carve-out of the baseline is never given back: there decode does wait (and preempts)
+    # the same pressure with the baseline's static carve-out, which is never given back: decode waits
+    # (and preempts)
     static = run_replay(*common(cpu_calibration, n=24, rate=24), "policy=static_share", *HARLI,
                         out_dir=tmp_path / "s")
     assert static.summary["decode_waits_on_finetune_blocks"] > 0

@@ -288,7 +288,9 @@ def test_time_share_never_holds_back_a_corunner_while_serving_is_idle():
 
 
 def test_time_slice_holds_the_corunner_while_serving_runs_and_frees_it_in_the_pauses():
-    fraction, period = 0.2, 0.02          # 20 ms "iterations", each followed by a 5 ms pause
+    # 100 ms "iterations", each followed by a 25 ms pause (long beside one layer of the co-runner, which the
+    # gate never cuts short)
+    fraction, period = 0.2, 0.1
     serving = {"busy": True}
     gate = TimeShare(lambda: serving["busy"])
     gate.set_time_slice(fraction)
@@ -306,7 +308,7 @@ def test_time_slice_holds_the_corunner_while_serving_runs_and_frees_it_in_the_pa
     t.start()
     gate.begin()
     try:
-        cpu, wall = _lora_loop(gate.checkpoint, 1.0)
+        cpu, wall = _lora_loop(gate.checkpoint, 1.5)
     finally:
         stop.set()
         t.join()
