@@ -29,7 +29,9 @@ CASES = {
     "lemix_2_stages": ["policy=lemix", *FULL, "training.stages=2", "ROOFLINE"],
     "harli": ["policy=harli", *LORA],
     "static_share": ["policy=static_share", *LORA],
-    "flexllm": ["policy=flexllm", *LORA],
+    # FlexLLM-style slices stretch every decode iteration to ~0.9 x the TPOT SLO: short outputs keep it quick
+    "flexllm": ["policy=flexllm", *LORA, "workload.lengths.kind=fixed", "workload.lengths.prompt_tokens=64",
+                "workload.lengths.output_tokens=8"],
     "distserve": ["serving=distserve", "serving.prefill_instances=1", "serving.decode_instances=1"],
     "sarathi": ["serving=sarathi", "serving.max_batched_tokens=128", "serving.max_num_seqs=32"],
     "lemix_poisson_share": ["policy=lemix", *FULL, "training.data.kind=poisson", "training.data.share=0.5"],
