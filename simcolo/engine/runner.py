@@ -186,25 +186,24 @@ class ServingRunner:
         return logits
 
 
-class TrainingRunner:
-    """Full-parameter training of one whole replica on one device, in the three phases
-    ``calibrate/measure_train.py`` times: forward (with the float32 loss), backward, AdamW step."""
+class _LossRunner:
+    """What full and LoRA training share: a loss through ``self.trained`` (the module whose parameters
+    ``self.optimizer`` updates), its backward, the AdamW step."""
 
-    def __init__(self, model: Llama, lr: float = 1e-5):
-        _check_whole_model(model, "TrainingRunner")
-        self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    trained: torch.nn.Module
+    optimizer: torch.optim.Optimizer
 
     def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
         """Cross-entropy loss of ``ids`` ``[mb, seq]``, autograd recording; ``targets`` default to
         ``default_targets(ids)``."""
-        return next_token_loss(self.model(ids), default_targets(ids) if targets is None else targets)
+        return next_token_loss(self.trained(ids), default_targets(ids) if targets is None else targets)
 
     def backward(self, loss: Tensor) -> None:
-        """Accumulate gradients of ``loss`` into the parameters."""
+        """Accumulate gradients of ``loss`` into the trained parameters."""
         loss.backward()
 
     def forward_backward(self, ids: Tensor, targets: Tensor | None = None) -> float:
+        """One micro-batch: forward and backward, gradients accumulated."""
         loss = self.forward(ids, targets)
         self.backward(loss)
         return loss.item()
@@ -212,6 +211,16 @@ class TrainingRunner:
     def optimizer_step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+class TrainingRunner(_LossRunner):
+    """Full-parameter training of one whole replica on one device, in the three phases
+    ``calibrate/measure_train.py`` times: forward (with the float32 loss), backward, AdamW step."""
+
+    def __init__(self, model: Llama, lr: float = 1e-5):
+        _check_whole_model(model, "TrainingRunner")
+        self.model = self.trained = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
 
     @torch.no_grad()
     def copy_weights_to(self, dst: Llama) -> int:
@@ -233,7 +242,7 @@ class TrainingRunner:
         return copied
 
 
-class LoraTrainingRunner:
+class LoraTrainingRunner(_LossRunner):
     """LoRA fine-tuning (adapters on ``targets``, default q_proj and v_proj) on top of ``model``, the
     very module a ``ServingRunner`` may be serving.
 
@@ -250,23 +259,7 @@ class LoraTrainingRunner:
         self.adapted = weight_sharing_copy(model)
         self.adapter_params = apply_lora(self.adapted, rank, alpha, targets, generator=generator)
         self.optimizer = torch.optim.AdamW(self.adapter_params, lr=lr)
-
-    def forward(self, ids: Tensor, targets: Tensor | None = None) -> Tensor:
-        """Loss of ``ids`` ``[mb, seq]`` through the adapted model (``targets`` as in ``TrainingRunner``)."""
-        return next_token_loss(self.adapted(ids), default_targets(ids) if targets is None else targets)
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def forward_backward(self, ids: Tensor, targets: Tensor | None = None) -> float:
-        """One micro-batch: forward and backward, gradients accumulated into the adapters."""
-        loss = self.forward(ids, targets)
-        self.backward(loss)
-        return loss.item()
-
-    def optimizer_step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.trained = self.adapted
 
 
 class StageTrainingRunner:

@@ -68,7 +68,7 @@ import torch
 from simcolo.engine.sm_partition import Cancelled, GreenPartition, TimeShare, green_context_status, paced
 from simcolo.metrics.training_summary import TrainerReport
 from simcolo.policies.base import FinetuneState
-from simcolo.training.lora_finetuner import SequencePool, finetune_state, fit_micro_batch
+from simcolo.training.lora_finetuner import SequencePool, finetune_state, fit_micro_batch, replan_on_iteration
 
 #: bound on the plans kept (as ``LoraFinetuner``)
 MAX_PLANS = 100_000
@@ -174,16 +174,7 @@ class LiveFinetuner:
     def on_iteration(self, inst, kind: str) -> None:
         """A serving iteration starts: re-plan the knob for the micro-batch in flight (a plan of 0 aborts
         it), or let an idle finetuner try to start one."""
-        if self.taken is not None:
-            knob, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, self.mb)
-            self._log_plan(knob, mb, predicted)
-            if mb == 0:   # no split keeps decode within its SLO: the finetune yields (recomputed later)
-                self._abort()
-                self._release_blocks()
-            else:
-                self._apply(knob)
-        elif self._phase is None and self.pool.available:
-            self.wake()
+        replan_on_iteration(self, self.taken is not None, self._phase is None)
 
     def on_iteration_end(self, inst, kind: str, start_s: float, end_s: float) -> None:
         """A serving iteration ended (partition mode: nothing to do; time slicing pauses serving after it)."""

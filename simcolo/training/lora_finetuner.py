@@ -89,6 +89,22 @@ def fit_micro_batch(predictor, mb: int, seq_len: int, static_memory: bool, held:
     return mb, need
 
 
+def replan_on_iteration(ft, in_flight: bool, idle: bool) -> None:
+    """What a finetuner (simulated or live) does as a serving iteration starts: re-plan the knob for the
+    micro-batch ``in_flight`` (a plan of micro-batch 0 means no knob keeps decode within its SLO: the
+    finetune yields, aborted and recomputed later), or, ``idle`` with sequences queued, try to start one."""
+    if in_flight:
+        knob, mb, predicted = ft.policy.plan_finetune(ft.state(), ft.predictor, ft.mb)
+        ft._log_plan(knob, mb, predicted)
+        if mb == 0:
+            ft._abort()
+            ft._release_blocks()
+        else:
+            ft._apply(knob)
+    elif idle and ft.pool.available:
+        ft.wake()
+
+
 class LoraFinetuner:
     def __init__(self, env, instance, gpu, pool: SequencePool, policy, predictor, seq_len: int,
                  global_batch: int, static_memory: bool, on_task_done, on_step):
@@ -142,16 +158,7 @@ class LoraFinetuner:
 
     def _on_iteration(self, inst, kind: str) -> None:
         """A decode iteration (or run) starts: re-plan the SM split for the micro-batch running."""
-        if self.kernel is not None and self.taken is not None:
-            share, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, self.mb)
-            self._log_plan(share, mb, predicted)
-            if mb == 0:   # no split keeps decode within its SLO: the finetune yields (recomputed later)
-                self._abort()
-                self._release_blocks()
-            else:
-                self._apply(share)
-        elif self.kernel is None and self.pool.available:
-            self.wake()
+        replan_on_iteration(self, self.kernel is not None and self.taken is not None, self.kernel is None)
 
     def _try_start(self) -> None:
         if self.kernel is not None or not self.pool.available:
