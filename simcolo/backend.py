@@ -61,6 +61,22 @@ class Backend:
     def training_on(self) -> bool:
         return self.training is not None
 
+    def _build_training(self, clock, seed: int) -> None:
+        """Build the plan's trainer with the subclass's ``_pipelines``, ``_isolated`` or ``_finetune``
+        (each sets ``_place``, where new training tasks go), then the training data stream on ``clock``."""
+        from simcolo.layout.plan import FinetunePlan, IsolatedTrainingPlan
+        from simcolo.training.data import TrainingStream
+
+        trainer = self.plan.trainer
+        if self.plan.kind == "pipelines":
+            self._pipelines(trainer)      # with no training too: the nodes route requests
+        elif isinstance(trainer, IsolatedTrainingPlan):
+            self._isolated(trainer)
+        elif isinstance(trainer, FinetunePlan):
+            self._finetune(trainer)
+        if self.training_on:
+            self.stream = TrainingStream.from_config(clock, self.training, seed, self._place)
+
     # ------------------------------------------------------------------ training tasks
     def _task_done(self, task) -> None:
         """A training task finished (every trainer of both backends calls this): count it, let the data

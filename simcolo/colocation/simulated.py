@@ -13,7 +13,6 @@ from simcolo.hardware.cluster import Cluster, Topology
 from simcolo.hardware.interference import TableInterference
 from simcolo.layout.plan import FinetunePlan, IsolatedTrainingPlan, NodeTrainingPlan
 from simcolo.serving.system import ServingSystem
-from simcolo.training.data import TrainingStream
 from simcolo.training.lora_finetuner import LoraFinetuner, SequencePool
 from simcolo.training.node_pipeline import NodePipeline
 from simcolo.training.sync_trainer import SyncTrainer, WeightSync
@@ -30,15 +29,7 @@ class SimBackend(Backend):
                 g.compute.interference = TableInterference(plan.interference)
         self.system = ServingSystem(env, cluster, run.model, plan.cost, plan, run.serving.batching, policy, on_done,
                                     itl)
-        trainer = plan.trainer
-        if plan.kind == "pipelines":
-            self._pipelines(trainer)
-        elif isinstance(trainer, IsolatedTrainingPlan):
-            self._isolated(trainer)
-        elif isinstance(trainer, FinetunePlan):
-            self._finetune(trainer)
-        if self.training_on:
-            self.stream = TrainingStream.from_config(env, self.training, seed, self._place)
+        self._build_training(env, seed)
 
     @property
     def now(self) -> float:

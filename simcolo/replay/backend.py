@@ -32,7 +32,6 @@ from simcolo.metrics.itl import ITLHistogram
 from simcolo.replay.context import LiveContext
 from simcolo.replay.live_instance import LiveInstance
 from simcolo.serving.system import ServingSystem
-from simcolo.training.data import TrainingStream
 from simcolo.training.lora_finetuner import SequencePool
 
 #: LoRA scaling (alpha) of the live finetuner's adapters; costs do not depend on it.
@@ -150,15 +149,7 @@ class LiveBackend(Backend):
             model = build_model(spec, device=inst.device, seed=seed)
             self.serving_models[inst.index] = model
             inst.runner_args = (ServingRunner(model, batching.max_num_seqs, spec.max_context_len), spec.vocab_size)
-        trainer = self.plan.trainer
-        if self.plan.kind == "pipelines":
-            self._pipelines(trainer)
-        elif isinstance(trainer, IsolatedTrainingPlan):
-            self._isolated(trainer)
-        elif isinstance(trainer, FinetunePlan):
-            self._finetune(trainer)
-        if self.training_on:
-            self.stream = TrainingStream.from_config(self.clock, self.training, seed, self._place)
+        self._build_training(self.clock, seed)
 
     def _pipelines(self, p: NodeTrainingPlan | None) -> None:
         from simcolo.replay.node_pipeline import LiveNodePipeline, stage_models

@@ -66,12 +66,8 @@ from dataclasses import dataclass
 import torch
 
 from simcolo.engine.sm_partition import Cancelled, GreenPartition, TimeShare, green_context_status, paced
-from simcolo.metrics.training_summary import TrainerReport
-from simcolo.policies.base import FinetuneState
-from simcolo.training.lora_finetuner import SequencePool, finetune_state, fit_micro_batch, replan_on_iteration
+from simcolo.training.lora_finetuner import FinetunerRules, SequencePool, fit_micro_batch
 
-#: bound on the plans kept (as ``LoraFinetuner``)
-MAX_PLANS = 100_000
 
 
 @dataclass
@@ -85,7 +81,7 @@ class _MicroBatch:
     stream: object = None             # CUDA: the stream it ran on
 
 
-class LiveFinetuner:
+class LiveFinetuner(FinetunerRules):
     """LoRA finetuning on decode instance ``instance`` (module docstring). ``on_task_done(task)`` and
     ``on_step(version, start_s, end_s, tokens)`` are called under the replay's lock."""
 
@@ -157,13 +153,9 @@ class LiveFinetuner:
         micro-batch or optimizer step ends."""
         return {self.gpu: self.train_busy_s}
 
-    def report(self) -> TrainerReport:
-        return TrainerReport(self.sequences_done, self.tokens_done, counters={
-            "finetune_aborted_microbatches": self.aborted_microbatches, "finetune_microbatches": self.micro_batches,
-            "decode_waits_on_finetune_blocks": self.inst.waits_on_lent_blocks})
-
-    def state(self) -> FinetuneState:
-        return finetune_state(self.inst, self.held)
+    @property
+    def now(self) -> float:
+        return self.live.now
 
     # ------------------------------------------------------------------ events (under the lock)
     def wake(self) -> None:
@@ -174,7 +166,7 @@ class LiveFinetuner:
     def on_iteration(self, inst, kind: str) -> None:
         """A serving iteration starts: re-plan the knob for the micro-batch in flight (a plan of 0 aborts
         it), or let an idle finetuner try to start one."""
-        replan_on_iteration(self, self.taken is not None, self._phase is None)
+        self._replan(self.taken is not None, self._phase is None)
 
     def on_iteration_end(self, inst, kind: str, start_s: float, end_s: float) -> None:
         """A serving iteration ended (partition mode: nothing to do; time slicing pauses serving after it)."""
@@ -215,10 +207,6 @@ class LiveFinetuner:
         if not self.static_memory and self.held:
             self.inst.give_back(self.held)
             self.held = 0
-
-    def _log_plan(self, knob, mb, predicted) -> None:
-        if len(self.plans) < MAX_PLANS:
-            self.plans.append((self.live.now, len(self.inst.running), self.inst.kv_total, knob, mb, predicted))
 
     def _apply(self, knob: float | None) -> None:
         self.knob = knob

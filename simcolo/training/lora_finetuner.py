@@ -89,23 +89,45 @@ def fit_micro_batch(predictor, mb: int, seq_len: int, static_memory: bool, held:
     return mb, need
 
 
-def replan_on_iteration(ft, in_flight: bool, idle: bool) -> None:
-    """What a finetuner (simulated or live) does as a serving iteration starts: re-plan the knob for the
-    micro-batch ``in_flight`` (a plan of micro-batch 0 means no knob keeps decode within its SLO: the
-    finetune yields, aborted and recomputed later), or, ``idle`` with sequences queued, try to start one."""
-    if in_flight:
-        knob, mb, predicted = ft.policy.plan_finetune(ft.state(), ft.predictor, ft.mb)
-        ft._log_plan(knob, mb, predicted)
-        if mb == 0:
-            ft._abort()
-            ft._release_blocks()
-        else:
-            ft._apply(knob)
-    elif idle and ft.pool.available:
-        ft.wake()
+#: bound on the plans a finetuner keeps (for checks and analysis)
+MAX_PLANS = 100_000
 
 
-class LoraFinetuner:
+class FinetunerRules:
+    """What the simulated and the live finetuner share: the policy's view of the instance, the plan log,
+    the re-plan as a serving iteration starts, and the report. Needs ``now``, ``inst``, ``held``, ``plans``,
+    ``policy``, ``predictor``, ``pool``, ``mb``, the counters, and ``_abort``, ``_release_blocks``,
+    ``_apply`` and ``wake``."""
+
+    def state(self) -> FinetuneState:
+        return finetune_state(self.inst, self.held)
+
+    def _log_plan(self, knob, mb, predicted) -> None:
+        if len(self.plans) < MAX_PLANS:
+            self.plans.append((self.now, len(self.inst.running), self.inst.kv_total, knob, mb, predicted))
+
+    def _replan(self, in_flight: bool, idle: bool) -> None:
+        """As a serving iteration starts: re-plan the knob for the micro-batch ``in_flight`` (a plan of
+        micro-batch 0 means no knob keeps decode within its SLO: the finetune yields, aborted and
+        recomputed later), or, ``idle`` with sequences queued, try to start one."""
+        if in_flight:
+            knob, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, self.mb)
+            self._log_plan(knob, mb, predicted)
+            if mb == 0:
+                self._abort()
+                self._release_blocks()
+            else:
+                self._apply(knob)
+        elif idle and self.pool.available:
+            self.wake()
+
+    def report(self) -> TrainerReport:
+        return TrainerReport(self.sequences_done, self.tokens_done, counters={
+            "finetune_aborted_microbatches": self.aborted_microbatches, "finetune_microbatches": self.micro_batches,
+            "decode_waits_on_finetune_blocks": self.inst.waits_on_lent_blocks})
+
+
+class LoraFinetuner(FinetunerRules):
     def __init__(self, env, instance, gpu, pool: SequencePool, policy, predictor, seq_len: int,
                  global_batch: int, static_memory: bool, on_task_done, on_step):
         self.env, self.inst, self.gpu, self.pool = env, instance, gpu, pool
@@ -133,18 +155,9 @@ class LoraFinetuner:
             instance.lender = self
         pool.waiters.append(self)
 
-    def report(self) -> TrainerReport:
-        return TrainerReport(self.sequences_done, self.tokens_done, counters={
-            "finetune_aborted_microbatches": self.aborted_microbatches, "finetune_microbatches": self.micro_batches,
-            "decode_waits_on_finetune_blocks": self.inst.waits_on_lent_blocks})
-
-    # ------------------------------------------------------------------ state for the policy
-    def state(self) -> FinetuneState:
-        return finetune_state(self.inst, self.held)
-
-    def _log_plan(self, share, mb, predicted) -> None:
-        if len(self.plans) < 100_000:
-            self.plans.append((self.env.now, len(self.inst.running), self.inst.kv_total, share, mb, predicted))
+    @property
+    def now(self) -> float:
+        return self.env.now
 
     # ------------------------------------------------------------------ events
     def wake(self) -> None:
@@ -158,7 +171,7 @@ class LoraFinetuner:
 
     def _on_iteration(self, inst, kind: str) -> None:
         """A decode iteration (or run) starts: re-plan the SM split for the micro-batch running."""
-        replan_on_iteration(self, self.kernel is not None and self.taken is not None, self.kernel is None)
+        self._replan(self.kernel is not None and self.taken is not None, self.kernel is None)
 
     def _try_start(self) -> None:
         if self.kernel is not None or not self.pool.available:
