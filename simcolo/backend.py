@@ -86,6 +86,12 @@ class Backend:
         if self.placement is not None:
             self.placement.retry()
 
+    def _tasks_recycled(self, n: int) -> None:
+        """``n`` tasks of a backlog supply finished and were replaced at once, in bulk (a trainer that
+        advances many steps per event; nothing was deferred, and the replacements equal the tasks)."""
+        self.tasks_done += n
+        self.stream.recycled(n)
+
     def _node_version(self, pipe) -> None:
         """A co-located node's pipeline made a new version: its serving instance serves it at once."""
         self.system.instances[pipe.index].model_version = pipe.version

@@ -30,6 +30,9 @@ class SimBackend(Backend):
         self.system = ServingSystem(env, cluster, run.model, plan.cost, plan, run.serving.batching, policy, on_done,
                                     itl)
         self._build_training(env, seed)
+        if isinstance(plan.trainer, IsolatedTrainingPlan) and self.stream is not None \
+                and self.stream.kind == "backlog":
+            self.trainer.recycle = self._tasks_recycled   # a backlog replaces each task done at once
 
     @property
     def now(self) -> float:
@@ -40,7 +43,8 @@ class SimBackend(Backend):
         gpus = self.cluster.gpus
         self.trainer = SyncTrainer(self.env, [[gpus[g] for g in grp] for grp in p.groups], list(p.forward_s),
                                    list(p.backward_s), list(p.optimizer_s), list(p.activation_bytes), p.link_s,
-                                   p.allreduce_s, p.global_batch, p.schedule, self._task_done, self._sync_step)
+                                   p.allreduce_s, p.global_batch, p.schedule, self._task_done, self._sync_step,
+                                   p.sync_every, None if self.run.sim.training_spans else 1)
         self.trainers = [self.trainer]
         self.weight_sync = WeightSync(self.env, self.system.instances, p.sync_every, p.sync_s)
         self.training_parts = [self.weight_sync]
@@ -111,5 +115,5 @@ class SimBackend(Backend):
 
     def close(self, now: float) -> None:
         for trainer in self.trainers:
-            if isinstance(trainer, NodePipeline):
+            if isinstance(trainer, (NodePipeline, SyncTrainer)):
                 trainer.close(now)

@@ -92,15 +92,18 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class SimConfig:
     """The simulated clock (``sim`` in conf/config.yaml): ``max_time_s`` stops it (None: run until every
-    request is done)."""
+    request is done); ``training_spans`` advances isolated training's identical steps many per event
+    (false: one event per step, the same results)."""
 
     max_time_s: float | None
+    training_spans: bool = True
 
     @classmethod
     def from_cfg(cls, node: Mapping[str, Any], key_prefix: str = "sim") -> "SimConfig":
         g = Group(node, key_prefix)
-        g.check_known(("max_time_s",))
-        return cls(max_time_s=g.float("max_time_s", gt=0, optional=True))
+        g.check_known(("max_time_s", "training_spans"))
+        return cls(max_time_s=g.float("max_time_s", gt=0, optional=True),
+                   training_spans=g.bool("training_spans") if "training_spans" in node else True)
 
 
 DEVICES = ("cpu", "cuda")

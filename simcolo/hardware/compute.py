@@ -42,6 +42,9 @@ class SharedCompute:
         self._last_s = env.now
         self._finishing = False  # inside a finish callback: rates are recomputed once, after it
         self.busy_s = 0.0        # time with anything running
+        # busy seconds up to a time that a closed-form trainer owes the clock (work it runs without kernels
+        # on a GPU of its own, see training.sync_trainer); None: none
+        self.offline = None
         self.train_busy_s = 0.0  # time with at least one kernel (training) running
 
     # ------------------------------------------------------------------ kernels
@@ -115,9 +118,10 @@ class SharedCompute:
 
     def busy_at(self, now: float) -> float:
         """Busy seconds up to ``now`` (a pure query: counts the interval since the last change)."""
+        busy = self.busy_s if self.offline is None else self.busy_s + self.offline(now)
         if self.running or self.residents:
-            return self.busy_s + (now - self._last_s)
-        return self.busy_s
+            return busy + (now - self._last_s)
+        return busy
 
     # ------------------------------------------------------------------ internals
     def _charge(self) -> None:

@@ -92,7 +92,8 @@ class TimelineSampler:
                              lambda g, inst: gpus[g].compute.busy_at(now) if inst.attached else inst.busy_s)
         seen = {row[0] for row in rows}
         for gpu in gpus:
-            if gpu.index not in seen and gpu.compute.busy_s + len(gpu.compute.running) > 0:
+            if gpu.index not in seen and (gpu.compute.busy_s + len(gpu.compute.running) > 0
+                                          or gpu.compute.offline is not None):
                 rows.append((gpu.index, -1, 0, 0, 0, 0.0, gpu.compute.busy_at(now)))
         self.table.append(now, rows, gpus, self.interval_s if self._tick else 0.0)
         self._tick += 1

@@ -113,6 +113,13 @@ class TrainingStream:
                 self._tokens_buffered -= per_task
                 self._new()
 
+    def recycled(self, n: int) -> None:
+        """A backlog's ``n`` tasks finished and were replaced by tasks equal to them (counted, not built)."""
+        if self.kind != "backlog":
+            raise ValueError(f"only a backlog supply replaces tasks in bulk, not '{self.kind}'")
+        self.completed += n
+        self.created += n
+
     def task_done(self, task: TrainTask) -> None:
         self.completed += 1
         if self.kind == "backlog":

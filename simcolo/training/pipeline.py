@@ -101,3 +101,91 @@ def run_step(env: SimEnvironment, stages: list[StageSpec], schedule: list[list[O
         result.end_s = env.now
 
     return env.process(step()), result
+
+
+@dataclass(frozen=True)
+class StepTemplate:
+    """One synchronous step on dedicated GPUs (nothing else runs on them, so every kernel takes its solo
+    time), in time relative to the step's start: what a :func:`run_step` step does there, computed once.
+
+    ``ops[s]``: (kind, start, end) of stage ``s``'s forwards and backwards in order; ``compute_end_s``: the
+    last backward's end; ``duration_s``: the whole step (all-reduce and optimizer included);
+    ``peak_activation_bytes[s]``: the most activations stage ``s`` holds at once."""
+    ops: tuple[tuple[tuple[str, float, float], ...], ...]
+    compute_end_s: float
+    duration_s: float
+    busy_s: tuple[float, ...]                 # forward + backward seconds per stage
+    gpu_busy_s: tuple[float, ...]             # ... plus the stage's optimizer: its GPU's busy time per step
+    peak_activation_bytes: tuple[float, ...]
+    optimizer_start_s: float
+
+    def gpu_busy_until(self, s: int, t: float, partial: bool) -> float:
+        """Busy seconds of stage ``s``'s GPU from the step's start to ``t``: with ``partial``, the kernel
+        running at ``t`` counts up to ``t`` (a timeline sample); without, only kernels ended by ``t`` count
+        (the processor-sharing clock charges a kernel when it ends)."""
+        opt_end = self.optimizer_start_s + (self.gpu_busy_s[s] - self.busy_s[s])
+        busy = 0.0
+        for _, start, end in (*self.ops[s], ("O", self.optimizer_start_s, opt_end)):
+            if end <= t:
+                busy += end - start
+            elif partial and start < t:
+                busy += t - start
+        return busy
+
+
+def step_template(forward_s: list[float], backward_s: list[float], optimizer_s: list[float],
+                  activation_bytes: list[float], schedule: list[list[Op]], link_s: float = 0.0,
+                  allreduce_s: float = 0.0) -> StepTemplate:
+    """The :class:`StepTemplate` of one step: each stage runs its operations in schedule order, an
+    operation starting when both the stage is free and its input is there (stage 0's forwards at once;
+    a forward's activation ``link_s`` after the previous stage's forward; the last stage's backward as
+    its forward ends; a gradient ``link_s`` after the next stage's backward). Then the gradients are
+    all-reduced (``allreduce_s``) and every stage runs its optimizer."""
+    S = len(schedule)
+    ends: dict[tuple[str, int, int], float] = {}
+    ops: list[list[tuple[str, float, float]]] = [[] for _ in range(S)]
+    free = [0.0] * S
+    nxt = [0] * S
+    held, peak = [0.0] * S, [0.0] * S
+    left = sum(len(s) for s in schedule)
+    while left:
+        progressed = False
+        for s in range(S):
+            while nxt[s] < len(schedule[s]):
+                op = schedule[s][nxt[s]]
+                if op.kind == "F":
+                    ready = 0.0 if s == 0 else ends.get(("F", s - 1, op.micro_batch))
+                    if ready is not None and s > 0 and link_s > 0:
+                        ready = ready + link_s
+                    work = forward_s[s]
+                else:
+                    if s == S - 1:
+                        ready = ends.get(("F", s, op.micro_batch))
+                    else:
+                        ready = ends.get(("B", s + 1, op.micro_batch))
+                        if ready is not None and link_s > 0:
+                            ready = ready + link_s
+                    work = backward_s[s]
+                if ready is None:
+                    break
+                start = max(free[s], ready)
+                end = start + work
+                ends[(op.kind, s, op.micro_batch)] = end
+                ops[s].append((op.kind, start, end))
+                free[s] = end
+                if op.kind == "F":
+                    held[s] += activation_bytes[s]
+                    peak[s] = max(peak[s], held[s])
+                else:
+                    held[s] -= activation_bytes[s]
+                nxt[s] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError("pipeline schedule deadlocks: an operation waits for one that never runs")
+    compute_end = max(free)
+    after = compute_end + allreduce_s if allreduce_s > 0 else compute_end
+    duration = after + max(optimizer_s) if optimizer_s and max(optimizer_s) > 0 else after
+    busy = tuple(sum(e - b for _, b, e in ops[s]) for s in range(S))
+    return StepTemplate(tuple(tuple(o) for o in ops), compute_end, duration, busy,
+                        tuple(busy[s] + optimizer_s[s] for s in range(S)), tuple(peak), after)
