@@ -28,6 +28,7 @@ from calibrate.progress import point_key, ProgressLog, progress_bar
 from calibrate.timing import CallTimer
 from calibrate.write import complete_grid, environment, GRID_TABLES, now_iso, write_calibration
 from simcolo.config.compose import load_config as load_simcolo_config
+from simcolo.config.read import read_seed
 from simcolo.costs.schema import table_dir_name
 from simcolo.errors import ConfigError
 from simcolo.specs import gpu_spec_from_mapping, GPUSpec, load_gpu_spec, model_spec_from_mapping
@@ -109,6 +110,7 @@ def _check_int(cfg: DictConfig, key: str, low: int, allow_null: bool = False) ->
 
 def run(cfg: DictConfig) -> Result:
     t0 = time.perf_counter()
+    seed = read_seed(cfg)
     device = resolve_device(str(cfg.device))
     spec = model_spec_from_mapping(OmegaConf.to_container(cfg.model), "model")
     gpu = resolve_gpu(cfg, device)
@@ -134,12 +136,12 @@ def run(cfg: DictConfig) -> Result:
     memory.ATTENTION_SCORES = device.type != "cuda"
 
     ctx = Context(spec, device, dtype, CallTimer(str(device), repeats, warmup, float(cfg.cpu_min_block_s)),
-                  int(cfg.seed))
+                  seed)
     profile, grids = select_grids(cfg, device.type)
     measurers = [MEASURERS[t](ctx, table_grid(grids, profile, t), f"grids.{profile}.{t}")
                  for t in MEASURERS if t in cfg.measure]
     header = {"model_config": asdict(spec), "gpu": gpu.name, "device": device.type, "dtype": str(dtype),
-              "tp": 1, "seed": int(cfg.seed)}
+              "tp": 1, "seed": seed}
     log = ProgressLog(out, header, fresh=bool(cfg.fresh))
     plan = [(m, p) for m in measurers for p in m.points()]
     todo = [(m, p) for m, p in plan if not log.done(m.table, p)]
@@ -173,7 +175,7 @@ def run(cfg: DictConfig) -> Result:
                           "estimate (calibrate/memory.py): no allocator statistics on the CPU"),
         "interference_method": method, "interference_notes": note,
         "profile": profile, "grids": grids, "max_memory_bytes": int(limit), "repeats": repeats,
-        "warmup": warmup, "seed": int(cfg.seed), "skipped": skipped, "generator": "calibrate",
+        "warmup": warmup, "seed": seed, "skipped": skipped, "generator": "calibrate",
         "recheck_tolerance": cfg.recheck_tolerance, "rechecked_points": result.rechecked,
         **environment(device),
     }

@@ -53,10 +53,20 @@ def _app(cfg: DictConfig) -> float:
     except SimcoloError as exc:
         print(f"simcolo: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    report_overlength(result.summary, cfg.model.max_context_len, "simcolo")
     if not cfg.metrics.quiet:
         print(format_summary(result.summary))
         print(f"outputs: {out_dir}")
     return result.summary["slo_attainment"]
+
+
+def report_overlength(summary: dict, max_context_len: int, program: str) -> None:
+    """One line on stderr when the run refused or clipped requests longer than the model's context."""
+    from simcolo.workload.overlength import notice
+
+    line = notice(summary, max_context_len)
+    if line is not None:
+        print(f"{program}: {line}", file=sys.stderr)
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ PIN_FILE = Path(__file__).parent / "data" / "pinned_runs.json"
 _COMPARE = ["cluster=h100x8", "workload.max_requests=800"]
 _LEMIX = ["cluster=h100x8", "workload=poisson", "workload.num_requests=300", "workload.rate_rps=16",
           "model=llama2-7b", "training.micro_batch=1", "training.seq_len=1024", "training.global_batch=32",
-          "training.state_bytes_per_param=8", "training.data.kind=poisson", "training.data.share=0.5"]
+          "training.state_bytes_per_param=8", "training.data.kind=poisson", "training.data.share=0.5",
+          "workload.overlength=clip"]
 _HARLI = ["cluster=h100x8", "serving.max_batched_tokens=32768", "workload.rate_scale=2",
           "workload.max_requests=800"]
 

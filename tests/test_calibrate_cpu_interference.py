@@ -287,7 +287,7 @@ def test_harli_simulates_and_finetunes_on_the_cpu_calibration(cpu_calibration):
     r = run_sim("model=tiny", "gpu=cpu", "cluster=cpu2", f"costs.path={out}", "policy=harli",
                 "policy.prefill_instances=1", "policy.decode_instances=1", "training.micro_batch=2",
                 "training.seq_len=64", "training.global_batch=2", "policy.max_micro_batch=2", "workload=poisson",
-                "workload.num_requests=24", "workload.rate_rps=24")
+                "workload.num_requests=24", "workload.rate_rps=24", "workload.overlength=clip")
     s = r.summary
     assert s["num_finished"] == 24 and s["cost_interference"] == "threads"
     assert s["finetune_microbatches"] > 0 and s["optimizer_steps"] > 0

@@ -101,7 +101,7 @@ def test_learning_curve_falls_and_jumps_at_each_shift(calibrated):
 def test_simulator_runs_on_the_measured_tables(calibrated):
     out, _, _ = calibrated
     result = run_sim("gpu=cpu", "model=tiny", "cluster=single", f"costs.path={out}", "workload=poisson",
-                     "workload.num_requests=200", "workload.rate_rps=20")
+                     "workload.num_requests=200", "workload.rate_rps=20", "workload.overlength=clip")
     s = result.summary
     assert s["num_requests"] == s["num_finished"] == 200
     cost = result.system.instances[0].cost
@@ -111,7 +111,8 @@ def test_simulator_runs_on_the_measured_tables(calibrated):
 def test_co_location_runs_on_the_measured_tables_and_learning_curve(calibrated):
     out, _, _ = calibrated
     common = ["gpu=cpu", "model=tiny", "cluster=single", f"costs.path={out}", "workload=poisson",
-              "workload.num_requests=200", "workload.rate_rps=20", "policy=lemix", "training.stages=1",
+              "workload.num_requests=200", "workload.rate_rps=20", "workload.overlength=clip", "policy=lemix",
+              "training.stages=1",
               "training.micro_batch=2", "training.seq_len=128"]
     measured = run_sim(*common).summary   # co-run slowdowns from the CPU's `threads` interference table
     assert measured["num_finished"] == 200 and measured["cost_interference"] == "threads"

@@ -6,8 +6,8 @@ import itertools
 import pytest
 import yaml
 
-from simcolo.config import (ClusterConfig, FullTraining, LearningCurveConfig, LoraFinetune, ReplayConfig, RunConfig,
-                            TrainingData)
+from simcolo.config import (ClusterConfig, FullTraining, LearningCurveConfig, LengthsConfig, LoraFinetune, ReplayConfig,
+                            RunConfig, TrainingData, WorkloadConfig)
 from simcolo.config.compose import load_config
 from simcolo.errors import ConfigError
 from simcolo.hardware.environment import SimEnvironment
@@ -54,7 +54,7 @@ def test_the_main_job_loads_as_documented():
     assert (r.metrics.timeline_interval_s, r.metrics.plots, r.metrics.quiet) == (5.0, True, False)
     assert r.sim.max_time_s is None
     assert r.policy_name == "least_outstanding" and r.policy["name"] == "least_outstanding"
-    assert r.workload["kind"] == "trace" and r.workload["format"] == "azure"
+    assert r.workload == WorkloadConfig("trace", path="traces/AzureLLMInferenceTrace_conv.csv", format="azure")
     assert r.replay is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.seed = 1
@@ -72,6 +72,8 @@ def test_the_replay_config_adds_its_keys():
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_option_of_every_group_loads(group, option, config_name):
     overrides = [f"{group}={option}"]
+    if (group, option) == ("workload", "trace"):   # any trace: the path is the user's (unset, it is refused)
+        overrides.append("workload.path=traces/AzureLLMInferenceTrace_code.csv")
     r = run_config(*overrides, *_fits_context(overrides), config_name=config_name)
     shipped = _yaml(CONF_DIR / group / f"{option}.yaml")
     if group in ("gpu", "model"):
@@ -83,7 +85,10 @@ def test_every_option_of_every_group_loads(group, option, config_name):
     elif group == "cluster":
         assert r.cluster.num_gpus == shipped["num_nodes"] * shipped["gpus_per_node"]
     elif group == "workload":
-        assert r.workload["kind"] == shipped["kind"]
+        assert r.workload.kind == shipped["kind"] and r.workload.overlength == "reject"
+        if option in ("poisson", "gamma"):
+            assert r.workload.lengths == LengthsConfig("empirical", path="traces/AzureLLMInferenceTrace_conv.csv",
+                                                       format="azure")
     assert (r.replay is not None) == (config_name == "replay")
 
 
@@ -177,6 +182,7 @@ BAD = [
     # (overrides, config name, the message: it names the key)
     (["seed=abc"], "config", r"^seed must be an integer, got 'abc'$"),
     (["seed=1.5"], "config", r"^seed must be an integer, got 1\.5$"),
+    (["seed=-1"], "config", r"^seed must be >= 0, got -1$"),
     (["+sedd=1"], "config", r"^sedd is not a known key \(did you mean seed\?\)"),
     (["cluster.num_nodes=0"], "config", r"^cluster\.num_nodes must be >= 1, got 0$"),
     (["cluster.network_bandwidth_bytes_per_s=-1"], "config", r"^cluster\.network_bandwidth_bytes_per_s must be > 0"),
@@ -203,6 +209,25 @@ BAD = [
     (["metrics.timeline_interval_s=0"], "config", r"^metrics\.timeline_interval_s must be > 0, got 0$"),
     (["sim.max_time_s=-5"], "config", r"^sim\.max_time_s must be > 0 or null, got -5$"),
     (["policy.name=nope"], "config", r"^policy\.name 'nope' is unknown"),
+    (["+policy.sync_every=3"], "config",
+     r"^policy\.sync_every is not a known key; known keys of policy \(least_outstanding\): name$"),
+    (["policy=lemix", "+policy.alfa=0.2"], "config",
+     (r"^policy\.alfa is not a known key \(did you mean policy\.alpha\?\); known keys of policy \(lemix\): alpha, "
+      r"beta, decode_slo_fraction, defer_factor, expected_output_tokens, memory_threshold, name, release, tau$")),
+    (["policy=static_share", "+policy.decode_slo_fraction=0.5"], "config",
+     (r"^policy\.decode_slo_fraction is not a known key; known keys of policy \(static_share\): decode_instances, "
+      r"decode_share, lookahead_iterations, max_micro_batch, name, prefill_instances$")),
+    (["workload=trace"], "config", r"^workload\.path must be set: the trace file to read$"),
+    (["workload.overlength=drop"], "config", r"^workload\.overlength 'drop' is unknown; expected one of: reject, clip$"),
+    (["+workload.num_requests=5"], "config",
+     (r"^workload\.num_requests is not a known key \(did you mean workload\.max_requests\?\); known keys of "
+      r"workload with workload\.kind=trace: chunksize, end_s, format, kind, max_requests, overlength, path, "
+      r"rate_scale, start_s$")),
+    (["workload=gamma", "workload.kind=poisson"], "config",
+     r"^workload\.cv is not a known key; known keys of workload with workload\.kind=poisson:"),
+    (["workload.rate_scale=0"], "config", r"^workload\.rate_scale must be > 0, got 0$"),
+    (["workload=poisson", "workload.lengths.kind=zipf"], "config",
+     r"^workload\.lengths\.kind 'zipf' is unknown; expected one of: fixed, empirical$"),
     (["training.kind=half"], "config", r"^training\.kind 'half' is unknown"),
     (["+training.lr=0.1"], "config", r"^training\.lr is not a known key"),
     (["policy=lemix", "training.micro_batch=-1"], "config", r"^training\.micro_batch must be >= 1, got -1$"),
@@ -253,6 +278,23 @@ def test_bad_values_are_refused_naming_the_key(overrides, config_name, match):
     with pytest.raises(ConfigError, match=match) as info:
         run_config(*overrides, config_name=config_name)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["policy=lemix", "policy.release=later"], r"^policy\.release 'later' is unknown; expected one of: async, sync$"),
+    (["policy=lemix", "policy.memory_threshold=1.5"], r"^policy\.memory_threshold must be in \(0, 1\], got 1\.5$"),
+    (["policy=isolated", "policy.sync_every=0"], r"^policy\.sync_every must be >= 1, got 0$"),
+    (["policy=isolated", "policy.serving_gpus=2.5"], r"^policy\.serving_gpus must be an integer, got 2\.5$"),
+    (["policy=harli", "policy.max_micro_batch=many"], r"^policy\.max_micro_batch must be an integer, got 'many'$"),
+    (["policy=static_share", "policy.decode_share=1"], r"^policy\.decode_share must be in \(0, 1\), got 1$"),
+    (["policy=flexllm", "policy.decode_slo_fraction=0"], r"^policy\.decode_slo_fraction must be in \(0, 1\], got 0$"),
+])
+def test_each_policy_reads_its_knobs_typed(overrides, match):
+    """A policy reads its own ``policy.*`` knobs (``make_policy``, before the run): each is checked like any key."""
+    from simcolo.policies import make_policy
+
+    with pytest.raises(ConfigError, match=match):
+        make_policy(run_config(*overrides).policy)
 
 
 def test_a_key_left_unset_is_named():

@@ -62,7 +62,7 @@ def _args(case: str, calibration, roofline) -> list[str]:
     else:
         costs = [f"costs.path={calibration[0]}"]
     return ["model=tiny", "gpu=cpu", "cluster=cpu2", *costs, "workload=poisson", "workload.num_requests=24",
-            "workload.rate_rps=24", "metrics.plots=false", *overrides]
+            "workload.rate_rps=24", "workload.overlength=clip", "metrics.plots=false", *overrides]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

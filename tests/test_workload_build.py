@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -75,7 +76,7 @@ def test_max_requests_stops_early():
 
 def test_clipping_is_counted(conv):
     limit = 1024
-    w = trace(max_context_len=limit)
+    w = trace(max_context_len=limit, overlength="clip")
     got = rows(w)
     prompts = np.array([r[2] for r in conv])
     outputs = np.array([r[3] for r in conv])
@@ -116,15 +117,16 @@ def test_burstgpt_stats_do_not_depend_on_chunksize(tmp_path):
 
 
 @pytest.mark.parametrize("keys,error,message", [
-    ({"kind": "replay"}, ConfigError, r"workload\.kind = 'replay'; expected one of"),
-    ({"format": "parquet"}, ConfigError, r"workload\.format = 'parquet'"),
+    ({"kind": "replay"}, ConfigError, r"^workload\.kind 'replay' is unknown; expected one of: trace, poisson, gamma$"),
+    ({"format": "parquet"}, ConfigError, r"^workload\.format 'parquet' is unknown; expected one of: azure, mooncake"),
     ({"path": None}, ConfigError, r"workload\.path must be set"),
-    ({"rate_scale": 0}, ConfigError, r"workload\.rate_scale = 0; expected a number > 0"),
+    ({"rate_scale": 0}, ConfigError, r"^workload\.rate_scale must be > 0, got 0$"),
     ({"rate_scale": -2}, ConfigError, r"workload\.rate_scale"),
     ({"start_s": 10, "end_s": 5}, ConfigError, r"workload\.end_s"),
     ({"max_requests": 0}, ConfigError, r"workload\.max_requests"),
     ({"chunksize": 0}, ConfigError, r"workload\.chunksize"),
-    ({"rate_scal": 2}, ConfigError, r"workload: unknown key\(s\) \['rate_scal'\]"),
+    ({"rate_scal": 2}, ConfigError, r"^workload\.rate_scal is not a known key \(did you mean workload\.rate_scale\?\)"),
+    ({"overlength": "truncate"}, ConfigError, r"^workload\.overlength 'truncate' is unknown; expected one of: reject, clip$"),
     ({"path": "traces/nope.csv"}, TraceError, r"nope\.csv: trace file not found"),
 ])
 def test_config_errors_name_the_key(keys, error, message):
@@ -157,3 +159,111 @@ def test_generic_trace_config_needs_a_path():
         cfg = compose(overrides=["+workload=trace"])
     with pytest.raises(ConfigError, match=r"workload\.path must be set"):
         build_workload(cfg.workload, max_context_len=4096, rng=np.random.default_rng(0))
+
+
+def test_reject_passes_over_length_requests_on_unchanged():
+    """``overlength=reject`` (the default) leaves a request as the trace has it: the serving system refuses it."""
+    limit = 1024
+    got, clipped = rows(trace(max_context_len=limit)), rows(trace(max_context_len=limit, overlength="clip"))
+    conv = rows(trace())
+    assert got == conv
+    over = [a for a, b in zip(got, clipped) if a != b]
+    assert len(over) == sum(1 for r in conv if r[2] + r[3] > limit) > 0
+    assert trace(max_context_len=limit).stats.num_clipped == 0
+
+
+@pytest.mark.parametrize("kind, extra, key, meant", [
+    ("trace", {"rate_rps": 3}, "rate_rps", "rate_scale"),          # a synthetic key on a trace
+    ("poisson", {"cv": 2.0}, "cv", None),                          # gamma's key on poisson
+    ("gamma", {"path": "traces/x.csv"}, "path", None),             # a trace key on a synthetic workload
+    ("trace", {"overlenght": "clip"}, "overlenght", "overlength"),
+])
+def test_keys_the_workload_kind_does_not_read_are_refused(kind, extra, key, meant):
+    cfg = {**CONV} if kind == "trace" else {"kind": kind, "rate_rps": 5.0, "num_requests": 3,
+                                             "lengths": {"kind": "fixed", "prompt_tokens": 8, "output_tokens": 2}}
+    if kind == "gamma":
+        cfg["cv"] = 1.5
+    with pytest.raises(ConfigError) as err:
+        build_workload({**cfg, **extra}, max_context_len=4096, rng=np.random.default_rng(0))
+    message = str(err.value)
+    hint = f" (did you mean workload.{meant}?)" if meant else ""
+    assert message.startswith(f"workload.{key} is not a known key{hint}; known keys of workload with "
+                              f"workload.kind={kind}: "), message
+
+
+def test_a_trace_of_another_format_names_the_format_key(tmp_path):
+    path = tmp_path / "mooncake.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2}\n')
+    with pytest.raises(TraceError, match=r"this looks like a Mooncake trace \(JSON lines\): set workload\.format=mooncake$"):
+        trace(path=str(path), format="csv")
+    lengths = {"kind": "empirical", "path": str(path), "format": "azure"}
+    with pytest.raises(TraceError, match=r"set workload\.lengths\.format=mooncake$"):
+        build_workload({"kind": "poisson", "rate_rps": 1.0, "lengths": lengths}, max_context_len=4096,
+                       rng=np.random.default_rng(0))
+
+
+# --- requests longer than the model's context, through the real simulator -----------------------------
+
+CONTEXT = 8192   # Llama-3-8B's max_context_len (the default model)
+#: (prompt, output): over-length prompts, an output that overflows a prompt that fits, the exact boundary
+LENGTHS = [(500, 100), (12_000, 50), (3000, 200), (8191, 1), (8000, 500), (9000, 1), (1200, 300), (8192, 1),
+           (700, 7000), (4000, 4192), (4000, 4193), (100, 20)] * 3
+
+
+@pytest.fixture(scope="module")
+def long_trace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("overlength") / "long.csv"
+    body = "".join(f"{0.25 * i},{p},{o}\n" for i, (p, o) in enumerate(LENGTHS))
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n" + body)
+    return path
+
+
+def _simulate(*overrides):
+    """The real simulator (``simcolo.simulate``) on the project's config: (summary, requests by id)."""
+    from conftest import run_sim
+
+    result = run_sim(*overrides)
+    return result.summary, result.requests().sort_values("request_id").reset_index(drop=True)
+
+
+def _on(path) -> list[str]:
+    return ["workload=trace", f"workload.path={path}", "workload.format=csv"]
+
+
+def test_over_length_requests_are_refused_by_default_as_vllm_does(long_trace):
+    over = [p + o > CONTEXT for p, o in LENGTHS]
+    assert sum(over) == 15 and not all(over)
+    s, req = _simulate(*_on(long_trace))
+    assert s["num_requests"] == len(LENGTHS) and s["status_exceeds_context"] == sum(over)
+    assert s["num_finished"] == len(LENGTHS) - sum(over) and s["workload_num_clipped"] == 0
+    refused = req[req.status == "exceeds_context"]
+    assert refused.request_id.tolist() == [i for i, o in enumerate(over) if o]
+    # recorded as the trace has them, never scheduled, on no instance
+    assert list(zip(refused.prompt_tokens, refused.output_tokens)) == [lo for lo, o in zip(LENGTHS, over) if o]
+    assert refused.scheduled_s.isna().all() and refused.first_token_s.isna().all() and (refused.instance == -1).all()
+    assert (req[req.status != "exceeds_context"].status == "finished").all()
+    # the boundary: 8191 + 1 and 4000 + 4192 tokens fit exactly and are served
+    assert req.loc[(req.prompt_tokens == 8191) & (req.output_tokens == 1), "status"].eq("finished").all()
+    assert req.loc[(req.prompt_tokens == 4000) & (req.output_tokens == 4192), "status"].eq("finished").all()
+    assert s["slo_attainment"] <= s["num_finished"] / s["num_requests"]
+
+
+def test_clip_shortens_over_length_requests_to_fit(long_trace):
+    s, req = _simulate(*_on(long_trace), "workload.overlength=clip")
+    assert "status_exceeds_context" not in s
+    assert s["num_requests"] == s["num_finished"] == len(LENGTHS)
+    prompt = [min(p, CONTEXT - 1) for p, _ in LENGTHS]
+    output = [min(o, CONTEXT - p) for p, (_, o) in zip(prompt, LENGTHS)]
+    assert req.prompt_tokens.tolist() == prompt and req.output_tokens.tolist() == output
+    changed = [(p, o) != lo for p, o, lo in zip(prompt, output, LENGTHS)]
+    assert s["workload_num_clipped"] == sum(changed) == 15
+    assert s["workload_num_prompt_clipped"] == sum(p > CONTEXT - 1 for p, _ in LENGTHS) == 9
+    assert s["workload_num_output_clipped"] == sum(o > CONTEXT - p for p, (_, o) in zip(prompt, LENGTHS)) == 9
+
+
+def test_a_trace_that_fits_the_context_is_served_the_same_in_both_modes():
+    """The shipped conv trace's first 300 requests all fit Llama-3-8B: the mode changes nothing."""
+    runs = [_simulate("workload.max_requests=300", f"workload.overlength={mode}") for mode in ("reject", "clip")]
+    (s_reject, r_reject), (s_clip, r_clip) = runs
+    assert s_reject == s_clip and s_reject["num_finished"] == 300 and s_reject["workload_num_clipped"] == 0
+    pd.testing.assert_frame_equal(r_reject, r_clip)

@@ -72,6 +72,78 @@ def test_azure_timestamps_with_utc_offset(tmp_path):
     assert df.arrival_s.tolist() == [0.0, 1.5]
 
 
+MIXED_2024 = ("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+              "2024-05-12 00:00:00+00:00,10,2\n"            # the first row on a whole second
+              "2024-05-12 00:00:00.001163+00:00,20,3\n"
+              "2024-05-12 00:00:01+00:00,30,4\n"
+              "2024-05-12 00:00:01.5+00:00,40,5\n"
+              "2024-05-12 00:00:02+00:00,50,6\n"
+              "2024-05-12 00:00:03+00:00,60,7\n")
+
+
+@pytest.mark.parametrize("chunksize", [1, 2, 3, 4, 65536])
+def test_azure_2024_timestamps_with_and_without_fractional_seconds(tmp_path, chunksize):
+    """The 2024 Azure traces write ``.001163`` but drop the fraction on a whole second: both parse, in one
+    chunk and across chunk boundaries (chunks of 2 start with a whole-second row, of 3 and 4 with a fraction)."""
+    df, _ = load(write(tmp_path, "azure_2024.csv", MIXED_2024), "azure", chunksize)
+    assert df.arrival_s.tolist() == [0.0, 0.001163, 1.0, 1.5, 2.0, 3.0]
+    assert df.prompt_tokens.tolist() == [10, 20, 30, 40, 50, 60] and df.line.tolist() == [2, 3, 4, 5, 6, 7]
+    plain = MIXED_2024.replace("+00:00", "")          # the same without the offset (the 2023 traces' form)
+    df, _ = load(write(tmp_path, "azure_naive.csv", plain), "azure", chunksize)
+    assert df.arrival_s.tolist() == [0.0, 0.001163, 1.0, 1.5, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("bad, why", [("2024-05-12 25:00:02+00:00", "hour 25"),
+                                      ("12/05/2024 00:00:02+00:00", "another date order"),
+                                      ("2024-05-12 00:00:02.5", "no offset in a file with offsets"),
+                                      ("2024-05-12T00:00:02+00:00", "a T between date and time")])
+@pytest.mark.parametrize("chunksize", [1, 3, 65536])
+def test_a_malformed_timestamp_among_mixed_ones_names_file_and_line(tmp_path, bad, why, chunksize):
+    lines = MIXED_2024.splitlines(keepends=True)
+    lines[5] = f"{bad},50,6\n"                         # line 6 of the file
+    path = write(tmp_path, "azure_bad.csv", "".join(lines))
+    with pytest.raises(TraceError) as err:
+        load(path, "azure", chunksize)
+    message = str(err.value)
+    assert message.startswith(f"{path}: line 6, column 'TIMESTAMP': unparsable timestamp {bad!r}"), (why, message)
+    assert "\n" not in message
+
+
+# --- a file of another format than the one named --------------------------------------------------------
+
+SHAPES = {   # format: (file name, text)
+    "azure": ("az.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,10,2\n"),
+    "burstgpt": ("burst.csv", "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n5,M,10,2,12,x\n"),
+    "csv": ("plain.csv", "arrival_s,prompt_tokens,output_tokens\n0.0,10,2\n"),
+    "mooncake": ("mooncake.jsonl", ('{"timestamp": 27482, "input_length": 6955, "output_length": 52, "hash_ids": [46, 47]}\n'
+                                    '{"timestamp": 30535, "input_length": 6472, "output_length": 26, "hash_ids": [46, 52]}\n')),
+}
+
+
+@pytest.mark.parametrize("actual, named", [(a, n) for a in sorted(SHAPES) for n in sorted(SHAPES) if a != n])
+def test_a_file_of_another_format_suggests_that_format(tmp_path, actual, named):
+    name, text = SHAPES[actual]
+    path = write(tmp_path, name, text)
+    assert len(load(path, actual)[0]) >= 1                 # it is a valid trace of its own format
+    with pytest.raises(TraceError) as err:
+        read_trace(path, named)
+    message = str(err.value)
+    assert message.startswith(f"{path}: line 1") and message.endswith(f": set format={actual}"), message
+    assert "\n" not in message
+    if actual == "mooncake":     # JSON fragments are not listed as "found columns"
+        assert "found columns" not in message and "a JSON object with keys" in message
+
+
+def test_a_file_of_no_known_format_gets_no_suggestion(tmp_path):
+    path = write(tmp_path, "other.csv", "time,tokens_in,tokens_out\n0,1,1\n")
+    for fmt in ("azure", "burstgpt", "csv"):
+        with pytest.raises(TraceError, match=r"missing column") as err:
+            read_trace(path, fmt)
+        assert "looks like" not in str(err.value)
+    with pytest.raises(TraceError, match=r"line 1, column '-': invalid JSON"):     # the streaming reader's error
+        load(path, "mooncake")
+
+
 # --- round trips of each format ---------------------------------------------------------------------
 
 def test_plain_csv_round_trip(tmp_path):

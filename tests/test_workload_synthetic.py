@@ -103,11 +103,11 @@ def test_gamma_parameters():
 
 @pytest.mark.parametrize("keys,message", [
     ({"rate_rps": 0}, "workload.rate_rps"),
-    ({"rate_rps": None}, "workload.rate_rps must be set"),
+    ({"rate_rps": None}, "workload.rate_rps must be a number, got None"),
     ({"cv": -1}, "workload.cv"),
     ({"num_requests": 2.5}, "workload.num_requests"),
     ({"duration_s": 0}, "workload.duration_s"),
-    ({"lengths": None}, "workload.lengths must be set"),
+    ({"lengths": None}, "workload.lengths must be a mapping of keys, got None"),
     ({"lengths": {"kind": "uniform"}}, "workload.lengths.kind"),
     ({"lengths": {"kind": "fixed", "prompt_tokens": 0, "output_tokens": 1}}, "workload.lengths.prompt_tokens"),
     ({"lengths": {"kind": "empirical", "path": None, "format": "azure"}}, "workload.lengths.path must be set"),

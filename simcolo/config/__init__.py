@@ -6,7 +6,8 @@ from simcolo.config.run import RunConfig
 from simcolo.config.serving import ServingConfig
 from simcolo.config.training import (FullTraining, LearningCurveConfig, LoraFinetune, Training, TrainingData,
                                      training_from_cfg)
+from simcolo.config.workload import LengthsConfig, WorkloadConfig
 
 __all__ = ["RunConfig", "ClusterConfig", "ServingConfig", "SloConfig", "CostsConfig", "MetricsConfig", "SimConfig",
            "ReplayConfig", "TrainingData", "LearningCurveConfig", "FullTraining", "LoraFinetune", "Training",
-           "training_from_cfg"]
+           "training_from_cfg", "WorkloadConfig", "LengthsConfig"]

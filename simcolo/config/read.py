@@ -30,9 +30,10 @@ def mapping(node: Any, key: str) -> Mapping:
     return node
 
 
-def check_known(node: Mapping, prefix: str, known: Iterable[str], ignore: Iterable[str] = ()) -> None:
+def check_known(node: Mapping, prefix: str, known: Iterable[str], ignore: Iterable[str] = (), where: str = "") -> None:
     """Refuse a key of ``node`` that is not in ``known`` (a typo that Hydra's ``+key=value`` lets through),
-    naming it, the closest known key and every known key."""
+    naming it, the closest known key and every known key. ``where`` qualifies the known keys when they
+    depend on another value (``" with workload.kind=trace"``)."""
     known = sorted(set(known))
     skip = set(ignore)
     for key in node.keys():
@@ -43,7 +44,7 @@ def check_known(node: Mapping, prefix: str, known: Iterable[str], ignore: Iterab
             [k for k in known if k.startswith(key) or key.startswith(k)][:1]
         hint = f" (did you mean {join(prefix, close[0])}?)" if close else ""
         raise ConfigError(f"{join(prefix, key)} is not a known key{hint}; known keys of "
-                          f"{prefix or 'the config'}: {', '.join(known)}")
+                          f"{prefix or 'the config'}{where}: {', '.join(known)}")
 
 
 class Group:
@@ -57,8 +58,8 @@ class Group:
     def key(self, name: str) -> str:
         return join(self.prefix, name)
 
-    def check_known(self, known: Iterable[str], ignore: Iterable[str] = ()) -> None:
-        check_known(self.node, self.prefix, known, ignore)
+    def check_known(self, known: Iterable[str], ignore: Iterable[str] = (), where: str = "") -> None:
+        check_known(self.node, self.prefix, known, ignore, where)
 
     def raw(self, name: str, default: Any = _REQUIRED) -> Any:
         """The value as composed (interpolations resolved); ``default`` if absent, else an error."""
@@ -75,8 +76,10 @@ class Group:
         return Group(self.raw(name), self.key(name))
 
     # ------------------------------------------------------------------ typed values
-    def int(self, name: str, *, min: int | None = None, optional: bool = False) -> int | None:
-        value = self.raw(name)
+    # ``default``: the value when the key is absent (without one, an absent key is an error)
+    def int(self, name: str, *, min: int | None = None, optional: bool = False, default: Any = _REQUIRED
+            ) -> int | None:
+        value = self.raw(name, default)
         if value is None and optional:
             return None
         n = to_int(value, self.key(name), optional)
@@ -85,8 +88,8 @@ class Group:
         return n
 
     def float(self, name: str, *, gt: float | None = None, ge: float | None = None,
-              optional: bool = False) -> float | None:
-        value = self.raw(name)
+              optional: bool = False, default: Any = _REQUIRED) -> float | None:
+        value = self.raw(name, default)
         if value is None and optional:
             return None
         x = to_float(value, self.key(name), optional)
@@ -122,6 +125,14 @@ class Group:
             raise ConfigError(f"{self.key(name)} must be a string{_or_null(optional)}, got {value!r}")
         return str(value)
 
+    def choice(self, name: str, options: Iterable[str], default: Any = _REQUIRED) -> str:
+        """One of ``options``: ``workload.overlength 'cut' is unknown; expected one of: reject, clip``."""
+        value = self.raw(name, default)
+        options = tuple(options)
+        if value not in options:
+            raise ConfigError(f"{self.key(name)} {value!r} is unknown; expected one of: {', '.join(options)}")
+        return value
+
 
 def _or_null(optional: bool) -> str:
     return " or null" if optional else ""
@@ -148,3 +159,8 @@ def to_float(value: Any, key: str, optional: bool = False) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise bad
     return float(value)
+
+
+def read_seed(root: Mapping) -> int:
+    """The top-level ``seed``: an integer >= 0 (numpy's generators are seeded from it)."""
+    return Group(root, "").int("seed", min=0)

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from simcolo.config.groups import ClusterConfig, CostsConfig, MetricsConfig, ReplayConfig, SimConfig, SloConfig
-from simcolo.config.read import Group, mapping, to_int
+from simcolo.config.read import Group, mapping, read_seed
 from simcolo.config.serving import ServingConfig
 from simcolo.config.training import Training, training_from_cfg
+from simcolo.config.workload import WorkloadConfig
 from simcolo.errors import ConfigError
 from simcolo.specs import GPUSpec, ModelSpec, gpu_spec_from_mapping, model_spec_from_mapping
 
@@ -23,9 +24,10 @@ REPLAY_KEYS = ("device", "replay")
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One simulation's (or live replay's) config. ``policy`` and ``workload`` stay the composed nodes:
-    ``simcolo.policies.make_policy`` and ``simcolo.workload.build_workload`` read them (each policy reads its
-    own knobs); ``training`` is None for ``training.kind: none``; ``replay`` is set for conf/replay.yaml."""
+    """One simulation's (or live replay's) config. ``policy`` stays the composed node, its keys checked
+    against those its policy reads: ``simcolo.policies.make_policy`` builds the policy from it (each policy
+    reads its own knobs); ``training`` is None for ``training.kind: none``; ``replay`` is set for
+    conf/replay.yaml."""
 
     seed: int
     model: ModelSpec
@@ -39,7 +41,7 @@ class RunConfig:
     sim: SimConfig
     policy_name: str
     policy: Mapping[str, Any]
-    workload: Mapping[str, Any]
+    workload: WorkloadConfig
     replay: ReplayConfig | None = None
     #: GPUs per training replica / co-located node (``training.stages``), read whatever the training kind:
     #: a co-location policy with ``training=none`` serves alone on the layout it would train on
@@ -56,7 +58,7 @@ class RunConfig:
         is_replay = "replay" in cfg
         root = Group(cfg, "")
         root.check_known(GROUPS + REPLAY_KEYS if is_replay else GROUPS, ignore=("hydra",))
-        seed = to_int(root.raw("seed"), "seed")
+        seed = read_seed(cfg)
         model = model_spec_from_mapping(mapping(root.raw("model"), "model"), "model")
         gpu = gpu_spec_from_mapping(mapping(root.raw("gpu"), "gpu"), "gpu")
         cluster = ClusterConfig.from_cfg(root.raw("cluster"), "cluster")
@@ -69,7 +71,7 @@ class RunConfig:
         sim = SimConfig.from_cfg(root.raw("sim"), "sim")
         policy = mapping(root.raw("policy"), "policy")
         policy_name = _policy_name(policy)
-        workload = mapping(root.raw("workload"), "workload")
+        workload = WorkloadConfig.from_cfg(root.raw("workload"), "workload")
         replay = ReplayConfig.from_cfg(cfg, "") if is_replay else None
         node_stages = Group(mapping(root.raw("training"), "training"), "training").int("stages", min=1)
         return cls(seed=seed, model=model, gpu=gpu, cluster=cluster, serving=serving, slo=slo, costs=costs,
@@ -79,7 +81,9 @@ class RunConfig:
 def _policy_name(policy: Mapping[str, Any]) -> str:
     from simcolo.policies import POLICIES   # the registry make_policy builds from
 
-    name = Group(policy, "policy").raw("name")
+    g = Group(policy, "policy")
+    name = g.raw("name")
     if name not in POLICIES:
         raise ConfigError(f"policy.name '{name}' is unknown; expected one of {sorted(POLICIES)}")
+    g.check_known(("name", *POLICIES[name].config_keys), where=f" ({name})")
     return name

@@ -186,13 +186,40 @@ def _predictor(run: RunConfig, cost: CostModel, interference: InterferenceTable,
                           lora_activation_bytes)
 
 
+def _check_gpu_count(need: int, what: str, have: int, has: str) -> None:
+    """A layout asks for more GPUs than it has: say so (naming the keys), before a memory check could
+    blame the model. ``has`` says where the ``have`` GPUs come from."""
+    if need > have:
+        raise ConfigError(f"{what} needs {need} GPU{'s' if need != 1 else ''}, but {has}")
+
+
+def _cluster_has(topology: Topology) -> str:
+    n = topology.num_gpus
+    return (f"the cluster has {n} GPU{'s' if n != 1 else ''} (cluster.num_nodes={topology.num_nodes} x "
+            f"cluster.gpus_per_node={topology.gpus_per_node})")
+
+
+def _check_serving_gpus(layout: ServingLayout, have: int, has: str, instance_keys: str = "serving") -> None:
+    """The serving instances of ``layout`` fit in ``have`` GPUs (``instance_keys``: the group whose keys set
+    the disaggregated instance counts)."""
+    tp = layout.tp
+    if layout.mode == "colocated":
+        count = layout.num_instances or 1
+        what = f"serving.tp={tp}" if layout.num_instances is None else \
+            f"serving.num_instances={count} x serving.tp={tp}"
+    else:
+        count = layout.prefill_instances + layout.decode_instances
+        what = (f"{instance_keys}.prefill_instances={layout.prefill_instances} + "
+                f"{instance_keys}.decode_instances={layout.decode_instances}"
+                + (f" with serving.tp={tp}" if instance_keys == "serving" else ""))
+    _check_gpu_count(count * tp, what, have, has)
+
+
 def _instances(run: RunConfig, layout: ServingLayout, topology: Topology, first_gpu: int = 0
                ) -> tuple[InstancePlan, ...]:
     tp = layout.tp
     if layout.mode == "colocated":
         count = layout.num_instances or (topology.num_gpus - first_gpu) // tp
-        if count < 1:
-            raise ConfigError(f"serving.tp={tp} needs more GPUs than the cluster's {topology.num_gpus}")
         roles = ["both"] * count
     else:
         if layout.prefill_instances < 1 or layout.decode_instances < 1:
@@ -244,6 +271,7 @@ def _plan(run, kind, layout, kv, instances, allocations, cost, interference, pre
 # ---------------------------------------------------------------------------- the layouts
 def _serving(run: RunConfig, policy, topology: Topology) -> LayoutPlan:
     layout, batching = run.serving.layout, run.serving.batching
+    _check_serving_gpus(layout, topology.num_gpus, _cluster_has(topology))
     kv = layout.kv_budget(run.model, run.gpu, batching)   # fails early if the model cannot fit
     cost = _cost(run, layout.tp)
     instances = _instances(run, layout, topology)
@@ -264,11 +292,11 @@ def _isolated(run: RunConfig, policy, topology: Topology) -> LayoutPlan:
     if dp < 1 or (n - serving_gpus) % S:
         raise ConfigError(f"policy.serving_gpus={serving_gpus} leaves {n - serving_gpus} GPUs, not a multiple "
                           f"of training.stages={S}")
+    # serving.num_instances is not read here: the serving GPUs hold as many instances as fit
+    _check_serving_gpus(dataclasses.replace(layout, num_instances=None), serving_gpus,
+                        f"serving has policy.serving_gpus={serving_gpus}")
     if layout.mode == "colocated":
         layout = dataclasses.replace(layout, num_instances=serving_gpus // layout.tp)
-    elif (layout.prefill_instances + layout.decode_instances) * layout.tp > serving_gpus:
-        raise ConfigError(f"serving needs {(layout.prefill_instances + layout.decode_instances) * layout.tp} "
-                          f"GPUs but policy.serving_gpus={serving_gpus}")
     cost = _cost(run, layout.tp)
     kv = layout.kv_budget(run.model, run.gpu, batching)
     instances = _instances(run, layout, topology)
@@ -312,6 +340,8 @@ def _pipelines(run: RunConfig, policy, topology: Topology) -> LayoutPlan:
     t = run.training
     S = run.node_stages
     n = topology.num_gpus
+    _check_gpu_count(S, f"training.stages={S} (a node of that many GPUs serves with tp={S} and trains {S} "
+                        f"pipeline stages)", n, _cluster_has(topology))
     if n % S:
         raise ConfigError(f"training.stages={S} does not divide the cluster's {n} GPUs into nodes")
     layout = dataclasses.replace(run.serving.layout, mode="colocated", tp=S, num_instances=n // S)
@@ -345,6 +375,7 @@ def _finetune(run: RunConfig, policy, topology: Topology) -> LayoutPlan:
     t = run.training
     layout = dataclasses.replace(run.serving.layout, mode="disaggregated", tp=1,
                                  prefill_instances=policy.prefill_instances, decode_instances=policy.decode_instances)
+    _check_serving_gpus(layout, topology.num_gpus, _cluster_has(topology), "policy")
     cost = _cost(run, 1)
     shape = _shape(t)
     adapter, act = lora_memory(run.model, shape.rank, 1, shape.seq_len)

@@ -84,6 +84,15 @@ class CostPredictor(Protocol):
         """The largest finetune micro-batch whose activations fit ``blocks`` KV blocks."""
 
 
+def knobs(cfg):
+    """The ``policy`` node read with typed getters whose errors name the key (``policy.sync_every must be an
+    integer, got 'often'``): a ``simcolo.config.read.Group``."""
+    # imported here: simcolo.config imports the serving layer, which imports the policies
+    from simcolo.config.read import Group
+
+    return Group(cfg, "policy")
+
+
 class RoutingPolicy(ABC):
     """Chooses the instance a request goes to (for disaggregated serving: once per phase)."""
 
@@ -92,6 +101,8 @@ class RoutingPolicy(ABC):
     #: training GPUs), ``pipelines`` (every node serves and trains), ``finetune`` (prefill/decode
     #: disaggregated, LoRA finetuning on decode GPUs)
     layout: str = "serving"
+    #: the ``policy.*`` keys it reads besides ``name`` (any other key in the node is refused)
+    config_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg=None, rng=None):
         self.cfg, self.rng = cfg, rng

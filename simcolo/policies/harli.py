@@ -27,20 +27,22 @@ from __future__ import annotations
 
 import math
 
-from simcolo.errors import ConfigError
-from simcolo.policies.base import FinetunePolicy
+from simcolo.policies.base import FinetunePolicy, knobs
 from simcolo.policies.least_outstanding import least_outstanding
 
 SHARES = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
 
 class _FinetuneBase(FinetunePolicy):
+    config_keys = ("prefill_instances", "decode_instances", "max_micro_batch", "lookahead_iterations")
+
     def __init__(self, cfg, rng=None):
         super().__init__(cfg, rng)
-        self.max_micro_batch = int(cfg["max_micro_batch"])
-        self.lookahead = int(cfg["lookahead_iterations"])
-        self.prefill_instances = int(cfg["prefill_instances"])
-        self.decode_instances = int(cfg["decode_instances"])
+        g = knobs(cfg)
+        self.max_micro_batch = g.int("max_micro_batch", min=1)
+        self.lookahead = g.int("lookahead_iterations", min=1)
+        self.prefill_instances = g.int("prefill_instances", min=1)
+        self.decode_instances = g.int("decode_instances", min=1)
 
     def route(self, request, instances, now):
         return least_outstanding(instances, now)
@@ -99,10 +101,11 @@ class Harli(_FinetuneBase):
 class StaticShare(_FinetuneBase):
     name = "static_share"
     static_memory = True
+    config_keys = _FinetuneBase.config_keys + ("decode_share",)
 
     def __init__(self, cfg, rng=None):
         super().__init__(cfg, rng)
-        self.share = float(cfg["decode_share"])
+        self.share = knobs(cfg).fraction("decode_share", "(0, 1)")
 
     def plan_finetune(self, state, predictor, running_micro_batch):
         mb = running_micro_batch or self.max_micro_batch
@@ -114,12 +117,11 @@ class StaticShare(_FinetuneBase):
 class FlexLLM(_FinetuneBase):
     name = "flexllm"
     sharing = "time_slice"
+    config_keys = _FinetuneBase.config_keys + ("decode_slo_fraction",)
 
     def __init__(self, cfg, rng=None):
         super().__init__(cfg, rng)
-        self.target = float(cfg["decode_slo_fraction"])
-        if not 0 < self.target <= 1:
-            raise ConfigError(f"policy.decode_slo_fraction must be in (0, 1], got {self.target}")
+        self.target = knobs(cfg).fraction("decode_slo_fraction", "(0, 1]")
 
     def plan_finetune(self, state, predictor, running_micro_batch):
         mb = running_micro_batch or self._mb_limit(state, predictor)

@@ -5,18 +5,20 @@ trained weights only at weight syncs (every ``policy.sync_every`` optimizer step
 """
 from __future__ import annotations
 
-from simcolo.policies.base import RoutingPolicy
+from simcolo.policies.base import RoutingPolicy, knobs
 from simcolo.policies.least_outstanding import least_outstanding
 
 
 class Isolated(RoutingPolicy):
     name = "isolated"
     layout = "isolated"
+    config_keys = ("serving_gpus", "sync_every")
 
     def __init__(self, cfg, rng=None):
         super().__init__(cfg, rng)
-        self.serving_gpus = int(cfg["serving_gpus"])   # GPUs 0 .. serving_gpus-1 serve, the rest train
-        self.sync_every = int(cfg["sync_every"])       # optimizer steps between weight syncs
+        g = knobs(cfg)
+        self.serving_gpus = g.int("serving_gpus", min=1)   # GPUs 0 .. serving_gpus-1 serve, the rest train
+        self.sync_every = g.int("sync_every", min=1)       # optimizer steps between weight syncs
 
     def route(self, request, instances, now):
         return least_outstanding(instances, now)

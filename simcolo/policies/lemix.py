@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 
-from simcolo.policies.base import PipelinePolicy
+from simcolo.policies.base import PipelinePolicy, knobs
 
 
 def gaussian_density(x: float, mean: float, std: float) -> float:
@@ -62,16 +62,18 @@ def predict_training(forward: list[float], backlog: list[float]) -> tuple[float,
 
 class LeMix(PipelinePolicy):
     name = "lemix"
+    config_keys = ("alpha", "beta", "tau", "defer_factor", "memory_threshold", "release", "expected_output_tokens",
+                   "decode_slo_fraction")
 
     def __init__(self, cfg, rng=None):
         super().__init__(cfg, rng)
-        self.alpha, self.beta, self.tau = float(cfg["alpha"]), float(cfg["beta"]), float(cfg["tau"])
-        self.defer_factor = float(cfg["defer_factor"])
-        self.expected_output_tokens = int(cfg["expected_output_tokens"])
-        self.decode_slo_fraction = float(cfg["decode_slo_fraction"])
-        self.release = str(cfg["release"])
-        t = cfg["memory_threshold"]
-        self.memory_threshold = None if t is None else float(t)
+        g = knobs(cfg)
+        self.alpha, self.beta, self.tau = (g.float(k, ge=0) for k in ("alpha", "beta", "tau"))
+        self.defer_factor = g.float("defer_factor", gt=0)
+        self.expected_output_tokens = g.int("expected_output_tokens", min=1)
+        self.decode_slo_fraction = g.float("decode_slo_fraction", gt=0)
+        self.release = g.choice("release", ("async", "sync"))
+        self.memory_threshold = g.fraction("memory_threshold", "(0, 1]", optional=True)
         self.deferred = 0
 
     def _lc(self, node, length: float, training: bool) -> float:

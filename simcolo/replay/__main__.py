@@ -16,7 +16,7 @@ from simcolo.paths import CONF_DIR
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="replay")
 def _app(cfg: DictConfig) -> None:
-    from simcolo.cli import format_summary
+    from simcolo.cli import format_summary, report_overlength
     from simcolo.replay.run import replay
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -25,6 +25,7 @@ def _app(cfg: DictConfig) -> None:
     except SimcoloError as exc:   # a bad config: 2; a replay that failed while running (ReplayFailed): 3
         print(f"simcolo.replay: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
+    report_overlength(result.summary, cfg.model.max_context_len, "simcolo.replay")
     if not cfg.metrics.quiet:
         print(format_summary(result.summary))
         print(f"replayed on {result.summary['replay_device']}; outputs: {out_dir}")

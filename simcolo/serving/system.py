@@ -12,6 +12,8 @@ from simcolo.serving.batch_scheduler import BatchingConfig
 from simcolo.serving.instance import Instance
 from simcolo.serving.kv_memory import KVBudget, kv_budget
 from simcolo.specs import GPUSpec, ModelSpec
+from simcolo.workload.overlength import STATUS as EXCEEDS_CONTEXT
+from simcolo.workload.overlength import exceeds_context
 from simcolo.workload.request import Request
 
 MODES = ("colocated", "disaggregated")
@@ -67,8 +69,13 @@ class ServingSystem:
 
     # -------------------------------------------------------------- request flow
     def dispatch(self, r: Request) -> None:
-        """A request arrives: the policy picks the (prefill) instance."""
+        """A request arrives: refused if longer than the model's context (as vLLM refuses it), else the
+        policy picks the (prefill) instance."""
         self.arrived += 1
+        if exceeds_context(r.prompt_tokens, r.output_tokens, self.model.max_context_len):
+            r.status = EXCEEDS_CONTEXT
+            self._finished(r)
+            return
         inst = self.entry[self.policy.route(r, self.entry_views, self.env.now)]
         r.prefill_instance = inst.index
         if self.on_dispatch is not None:

@@ -1,5 +1,6 @@
 """Request streams for the simulator: real traces (Azure, Mooncake, BurstGPT, plain CSV) and synthetic
-arrivals (Poisson, Gamma), with time windows, rate scaling and clipping to the model context.
+arrivals (Poisson, Gamma), with time windows, rate scaling and requests longer than the model's context refused or clipped
+(``workload.overlength``).
 
 Entry point: ``build_workload(cfg, max_context_len=..., rng=...)`` -> an iterable of ``Request``.
 """

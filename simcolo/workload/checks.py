@@ -18,12 +18,12 @@ def trace_error(path: Path, line: int, column: str, message: str) -> TraceError:
     return TraceError(f"{path}: line {line}, column {column!r}: {message}")
 
 
-def require_columns(path: Path, found: Sequence[str], required: Sequence[str]) -> None:
+def require_columns(path: Path, found: Sequence[str], required: Sequence[str], hint: str = "") -> None:
     missing = [c for c in required if c not in found]
     if missing:
         raise TraceError(
             f"{path}: line 1 (header): missing column(s) {missing}; found columns {list(found)}; "
-            f"expected columns {list(required)}"
+            f"expected columns {list(required)}" + (f"; {hint}" if hint else "")
         )
 
 

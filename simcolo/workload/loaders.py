@@ -13,15 +13,17 @@ more data is an error.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import pandas as pd
 
 from simcolo.errors import ConfigError, TraceError
 from simcolo.workload.checks import Timeline, numbers, require_columns, token_counts, trace_error
+from simcolo.workload.mooncake import KEYS as MOONCAKE_KEYS
 
 CHUNKSIZE = 65536
 FORMATS = ("azure", "mooncake", "burstgpt", "csv")
@@ -41,39 +43,52 @@ def make_chunk(arrival_s, prompt_tokens, output_tokens, lines, failed_lines=None
 # --- arrival-time columns ---------------------------------------------------------------------------
 
 class _AzureTimes:
-    """``2023-11-16 18:15:46.6805900`` (7 fractional digits) to int64 nanoseconds.
+    """``2023-11-16 18:15:46.6805900`` (up to 9 fractional digits) to int64 nanoseconds.
 
-    The 2024 week-long Azure traces add a ``+00:00`` offset; the variant is chosen from the first row.
-    An explicit format keeps pandas on its fast path (the whole conv trace parses in a few ms).
+    The fraction is optional row by row: the 2024 Azure traces write ``00:00:00.001163`` and, on a whole
+    second, ``00:00:01`` in one file. The week-long 2024 traces add a ``+00:00`` offset; whether a file has
+    one is read from its first row. Explicit formats keep pandas on its fast path (the whole conv trace
+    parses in a few ms): a chunk is parsed with the fraction, and only the rows that missed are parsed
+    again without it.
     """
 
     per_second = 1e9
-    expected = "a timestamp 'YYYY-MM-DD HH:MM:SS.fffffff' (optionally with a +HH:MM offset)"
-    _formats = ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S.%f%z")
+    expected = "a timestamp 'YYYY-MM-DD HH:MM:SS[.fffffff]' (optionally with a +HH:MM offset)"
+    #: (with a fraction, on a whole second), by whether the file's timestamps carry an offset
+    _formats_by_offset: ClassVar[dict[bool, tuple[str, str]]] = {False: ("%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S"),
+                          True: ("%Y-%m-%d %H:%M:%S.%f%z", "%Y-%m-%d %H:%M:%S%z")}
 
     def __init__(self):
-        self._format: str | None = None
+        self._formats: tuple[str, str] | None = None
 
     def __call__(self, path: Path, values: pd.Series, lines: np.ndarray, column: str) -> np.ndarray:
         if values.isna().any():
             i = int(np.argmax(values.isna().to_numpy()))
             raise trace_error(path, int(lines[i]), column, "empty cell; expected " + self.expected)
-        if self._format is None:
-            self._format = next(
-                (f for f in self._formats if not pd.isna(self._parse(values.iloc[:1], f).iloc[0])), self._formats[0]
-            )
-        parsed = self._parse(values, self._format)
-        bad = parsed.isna().to_numpy()
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise trace_error(path, int(lines[i]), column, f"unparsable timestamp {values.iloc[i]!r}; expected {self.expected}")
-        if parsed.dt.tz is not None:
-            parsed = parsed.dt.tz_convert(None)
-        return parsed.to_numpy(dtype="datetime64[ns]").view(np.int64)
+        if self._formats is None:
+            first = values.iloc[:1]
+            has_offset = any(not np.isnat(self._parse(first, f)[0]) for f in self._formats_by_offset[True])
+            self._formats = self._formats_by_offset[has_offset]
+        fraction, whole = self._formats
+        parsed = self._parse(values, fraction)
+        missed = np.isnat(parsed)
+        if missed.any():
+            parsed = parsed.copy()    # pandas may hand out a read-only view
+            parsed[missed] = self._parse(values[missed], whole)
+            bad = np.isnat(parsed)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise trace_error(path, int(lines[i]), column,
+                                  f"unparsable timestamp {values.iloc[i]!r}; expected {self.expected}")
+        return parsed.view(np.int64)
 
     @staticmethod
-    def _parse(values: pd.Series, fmt: str) -> pd.Series:
-        return pd.to_datetime(values, format=fmt, errors="coerce", utc=fmt.endswith("%z"))
+    def _parse(values: pd.Series, fmt: str) -> np.ndarray:
+        """datetime64[ns] (UTC, naive), NaT where ``fmt`` does not match."""
+        parsed = pd.to_datetime(values, format=fmt, errors="coerce", utc=fmt.endswith("%z"))
+        if parsed.dt.tz is not None:
+            parsed = parsed.dt.tz_convert(None)
+        return parsed.to_numpy(dtype="datetime64[ns]")
 
 
 class _Seconds:
@@ -119,10 +134,68 @@ def _pandas_errors(path: Path):
         raise TraceError(f"{path}: cannot parse the file as CSV: {exc}") from exc
 
 
-def _check_csv_header(path: Path, fmt: CsvFormat) -> None:
+def _csv_columns(path: Path) -> list[str]:
     with _pandas_errors(path):
-        found = pd.read_csv(path, nrows=0).columns.tolist()
-    require_columns(path, found, fmt.required)
+        return pd.read_csv(path, nrows=0).columns.tolist()
+
+
+# --- telling a file's format from its first line --------------------------------------------------------
+
+def _first_line(path: Path) -> tuple[int, str] | None:
+    """The first non-blank line (1-based number, text), or None for a file of blank lines."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, text in enumerate(f, start=1):
+            if text.strip():
+                return number, text
+    return None
+
+
+def _json_object(text: str) -> dict | None:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _csv_format_of(columns: list[str]) -> str | None:
+    """The CSV format whose required columns are all among ``columns`` (their column sets are disjoint)."""
+    return next((name for name, fmt in CSV_FORMATS.items() if set(fmt.required) <= set(columns)), None)
+
+
+_LOOKS_LIKE = {"azure": "an Azure LLM inference trace", "mooncake": "a Mooncake trace (JSON lines)",
+               "burstgpt": "a BurstGPT trace", "csv": "a plain CSV trace"}
+
+
+def _use(found: str, format_key: str) -> str:
+    return f"this looks like {_LOOKS_LIKE[found]}: set {format_key}={found}"
+
+
+def _check_csv_header(path: Path, fmt: CsvFormat, format_key: str) -> None:
+    first = _first_line(path)
+    obj = _json_object(first[1]) if first is not None else None
+    if obj is not None:
+        hint = _use("mooncake", format_key) if set(MOONCAKE_KEYS) <= set(obj) else \
+            f"expected a CSV file with columns {list(fmt.required)}"
+        raise TraceError(f"{path}: line {first[0]}: a JSON object with keys {sorted(obj)}, not a CSV header; {hint}")
+    found = _csv_columns(path)
+    missing = [c for c in fmt.required if c not in found]
+    other = _csv_format_of(found) if missing else None
+    require_columns(path, found, fmt.required, hint=_use(other, format_key) if other else "")
+
+
+def _check_json_lines(path: Path, format_key: str) -> None:
+    """A Mooncake trace whose first line is a CSV header of a known format is named as that format; any
+    other problem is left to the streaming reader, which names the line."""
+    first = _first_line(path)
+    if first is None or _json_object(first[1]) is not None:
+        return
+    try:
+        other = _csv_format_of(_csv_columns(path))
+    except TraceError:     # not CSV either
+        return
+    if other is not None:
+        raise TraceError(f"{path}: line {first[0]}: a CSV header, not a JSON object; {_use(other, format_key)}")
 
 
 def _trailing_blank_start(blank: np.ndarray) -> int:
@@ -185,15 +258,18 @@ def _parse_csv_chunk(path, fmt: CsvFormat, times, timeline: Timeline, raw: pd.Da
 
 # --- entry points ------------------------------------------------------------------------------------
 
-def check_trace(path: str | Path, fmt: str) -> Path:
-    """Fail early (missing file, unknown format, missing columns) before any streaming starts."""
+def check_trace(path: str | Path, fmt: str, format_key: str = "format") -> Path:
+    """Fail early (missing file, unknown format, missing columns, a file of another known format, named
+    with ``format_key``: the config key that chose ``fmt``) before any streaming starts."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown trace format {fmt!r}; expected one of {list(FORMATS)}")
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{path}: trace file not found")
     if fmt in CSV_FORMATS:
-        _check_csv_header(path, CSV_FORMATS[fmt])
+        _check_csv_header(path, CSV_FORMATS[fmt], format_key)
+    else:
+        _check_json_lines(path, format_key)
     return path
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from simcolo.errors import TraceError
 from simcolo.workload.checks import Timeline, trace_error
 
-_KEYS = ("timestamp", "input_length", "output_length")
+KEYS = ("timestamp", "input_length", "output_length")
 
 
 def _number(value) -> float | None:
@@ -41,9 +41,9 @@ def _record(path: Path, line: int, text: str) -> tuple[float, int, int]:
         raise trace_error(path, line, "-", f"invalid JSON ({exc.msg} at character {exc.pos + 1}); expected one JSON object") from None
     if not isinstance(obj, dict):
         raise trace_error(path, line, "-", f"expected a JSON object, got {type(obj).__name__}")
-    for key in _KEYS:
+    for key in KEYS:
         if obj.get(key) is None:
-            raise trace_error(path, line, key, f"missing or null key; found keys {sorted(obj)}; expected {list(_KEYS)}")
+            raise trace_error(path, line, key, f"missing or null key; found keys {sorted(obj)}; expected {list(KEYS)}")
     timestamp = _number(obj["timestamp"])
     if timestamp is None:
         raise trace_error(path, line, "timestamp", f"expected a finite number of milliseconds, got {obj['timestamp']!r}")

@@ -6,8 +6,8 @@ Each chunk (arrival_s, prompt_tokens, output_tokens, line) is transformed with n
 2. rebase, so the first request that passes the window arrives at 0.0;
 3. ``rate_scale`` (arrival_s / rate_scale: 2.0 means twice the request rate);
 4. ``max_requests``;
-5. clipping to the model context: prompt to ``max_context_len - 1``, then output to
-   ``max_context_len - prompt`` (so prompt + output <= max_context_len); every clip is counted.
+5. requests longer than the model's context (``overlength``, ``simcolo.workload.overlength``): passed on
+   unchanged for the serving system to refuse (``reject``), or clipped to fit and counted (``clip``).
 
 Sources are sorted by time, so reading stops at the first row at or after ``end_s``, or once
 ``max_requests`` requests are out: rows after that point are never read (nor counted).
@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
+from simcolo.workload.overlength import clip, exceeds_context
 from simcolo.workload.request import Request
 
 @dataclass
@@ -28,7 +29,7 @@ class WorkloadStats:
 
     source: str = ""
     num_requests: int = 0          # requests yielded
-    num_clipped: int = 0           # requests with the prompt or the output clipped
+    num_clipped: int = 0           # requests with the prompt or the output clipped (overlength=clip)
     num_prompt_clipped: int = 0
     num_output_clipped: int = 0
     num_dropped_failed: int = 0    # rows the trace marks as failed requests (BurstGPT: 0 response tokens)
@@ -45,6 +46,7 @@ class Transform:
     start_s: float | None = None
     end_s: float | None = None
     max_requests: int | None = None
+    overlength: str = "reject"     # reject | clip (simcolo.workload.overlength)
 
 
 class Workload:
@@ -115,19 +117,18 @@ class Workload:
                 close()
 
     def _requests(self, next_id: int, arrival: np.ndarray, prompt: np.ndarray, output: np.ndarray) -> Iterator[Request]:
-        stats, limit = self.stats, self.transform.max_context_len
-        prompt_clipped = prompt > limit - 1
-        prompt = np.minimum(prompt, limit - 1)
-        output_clipped = prompt + output > limit
-        output = np.minimum(output, limit - prompt)
+        stats, t = self.stats, self.transform
         ids = range(next_id, next_id + len(arrival))
-        if not (prompt_clipped.any() or output_clipped.any()):
+        clipped = None
+        if t.overlength == "clip" and exceeds_context(prompt, output, t.max_context_len).any():
+            prompt, output, prompt_clipped, output_clipped = clip(prompt, output, t.max_context_len)
+            clipped = zip(prompt_clipped.tolist(), output_clipped.tolist())
+        if clipped is None:
             for rid, a, p, o in zip(ids, arrival.tolist(), prompt.tolist(), output.tolist()):
                 stats.num_requests += 1
                 yield Request(rid, a, p, o)
             return
-        rows = zip(ids, arrival.tolist(), prompt.tolist(), output.tolist(), prompt_clipped.tolist(), output_clipped.tolist())
-        for rid, a, p, o, pc, oc in rows:
+        for rid, a, p, o, (pc, oc) in zip(ids, arrival.tolist(), prompt.tolist(), output.tolist(), clipped):
             if pc or oc:
                 stats.num_clipped += 1
                 stats.num_prompt_clipped += pc
