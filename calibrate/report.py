@@ -105,28 +105,73 @@ def all_errors(directory: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
-def plot(directory: Path, table: str, df: pd.DataFrame) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+_MANTISSAS = ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0, 7.0), tuple(float(m) for m in range(1, 10)),
+              (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0),
+              tuple(1.0 + 0.1 * i for i in range(90)))
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(df["measured_s"], df["predicted_s"], s=14, alpha=0.8)
+
+def log_ticks(lo: float, hi: float, want: int = 3) -> list[float]:
+    """Tick values for a log axis from ``lo`` to ``hi`` (both > 0): the coarsest of the 1-2-5 style
+    series with at least ``want`` values in range (at most ~8), so an axis spanning less than a decade
+    still has labelled ticks."""
+    if not (lo > 0 and hi > lo):
+        raise ValueError(f"log_ticks needs 0 < lo < hi, got {lo}, {hi}")
+    best: list[float] = []
+    for mantissas in _MANTISSAS:
+        ticks = [m * 10.0 ** e for e in range(int(np.floor(np.log10(lo))) - 1, int(np.ceil(np.log10(hi))) + 1)
+                 for m in mantissas]
+        ticks = sorted({float(f"{t:.6g}") for t in ticks if lo <= t <= hi})
+        if len(ticks) > 8 and best:
+            return best
+        best = ticks
+        if len(ticks) >= want:
+            return ticks if len(ticks) <= 8 else ticks[:: int(np.ceil(len(ticks) / 8))]
+    return best
+
+
+def seconds_label(value: float) -> str:
+    """A latency tick label with its unit: ``2 ms``, ``150 µs``, ``1.2 s``."""
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if value >= scale or unit == "µs":
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} s"  # pragma: no cover
+
+
+def figure(table: str, df: pd.DataFrame):
+    """Measured against predicted latency of a table's held-out points, on log axes with labelled ticks
+    (a matplotlib ``Figure``, built without pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    fig = Figure(figsize=(4.8, 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.scatter(df["measured_s"], df["predicted_s"], s=14, alpha=0.8, label="held-out point")
     lo = float(min(df["measured_s"].min(), df["predicted_s"].min())) * 0.8
     hi = float(max(df["measured_s"].max(), df["predicted_s"].max())) * 1.25
     ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="predicted = measured")
-    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency (s)",
-           ylabel="predicted latency (s)",
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency",
+           ylabel="predicted latency (bilinear fit)",
            title=f"{table}: held-out points (median err {df['rel_err'].median():.1%})")
+    ticks = log_ticks(lo, hi)
     for axis in (ax.xaxis, ax.yaxis):
-        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: seconds_label(v)))
+        axis.set_minor_locator(NullLocator())
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.grid(alpha=0.3, which="major")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(directory: Path, table: str, df: pd.DataFrame) -> Path:
+    """Write :func:`figure` to ``DIR/report_<table>.png`` (atomically)."""
+    fig = figure(table, df)
     path = directory / f"report_{table}.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     return path
 
 

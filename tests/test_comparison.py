@@ -12,9 +12,27 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simcolo.metrics.comparison import (DEFAULT_KEYS, REPORT_FILES, IncompleteRunsWarning, _cell, comparison_table,
-                                        format_table, load_runs, main, write_report)
-from simcolo.metrics.comparison_plots import pareto_front, utilization_frame
+from simcolo.metrics.comparison import (
+    DEFAULT_KEYS,
+    PLOT_FILES,
+    REPORT_FILES,
+    IncompleteRunsWarning,
+    NoRunsError,
+    _cell,
+    comparison_table,
+    format_metric,
+    format_table,
+    load_runs,
+    main,
+    resolve_multirun_dir,
+    write_report,
+)
+from simcolo.metrics.comparison_plots import (
+    pareto,
+    pareto_front,
+    training_progress,
+    utilization_frame,
+)
 from simcolo.paths import PROJECT_ROOT
 
 _SCRIPT = Path(sys.executable).with_name("simcolo")
@@ -58,9 +76,16 @@ def test_sweep_end_writes_the_report_with_each_jobs_real_values(policy_sweep):
     md = (sweep / "comparison.md").read_text()
     assert "| metric | round_robin | least_outstanding |" in md
     assert f"| slo_attainment | {_cell(summaries[0]['slo_attainment'])} | {_cell(summaries[1]['slo_attainment'])} |" in md
-    for name in REPORT_FILES[2:]:
+    for name in ("comparison_latency_cdf.png", "comparison_utilization.png"):
         assert (sweep / name).stat().st_size > 5000, name
-    assert not list(sweep.glob(".comparison*"))      # no temporary files left behind
+    # serving only: nothing trains, so no Pareto and no training plot -- and the report says why
+    assert not (sweep / "comparison_pareto.png").exists() and not (sweep / "comparison_training.png").exists()
+    page = (sweep / "report.html").read_text()
+    assert "No run in this sweep trains (training=none everywhere)" in page
+    assert page.count("data:image/png;base64,") == 2        # the two comparison plots; runs had plots off
+    for summary in summaries:
+        assert f">{_cell(summary['ttft_p99_s'])}</td>" in page
+    assert not list(sweep.glob(".comparison*")) and not list(sweep.glob(".report*"))   # no temporary files left
 
     # the table printed at the end of the sweep: both policies, each value of the job's summary
     lines = proc.stdout.split(f"comparison of 2 runs in {sweep}:\n")[1].splitlines()
@@ -70,6 +95,7 @@ def test_sweep_end_writes_the_report_with_each_jobs_real_values(policy_sweep):
         row = next(line for line in lines if line.startswith(key + " "))
         assert row.split() == [key, *(_cell(s[key]) for s in summaries)]
     assert f"comparison: {sweep / 'comparison.csv'}" in proc.stdout
+    assert f"report: {sweep / 'report.html'} (self-contained: open it in a browser)" in proc.stdout
 
 
 def test_side_by_side_table_in_process(policy_sweep):
@@ -109,9 +135,13 @@ def test_keys_a_run_lacks_are_nan_and_shown_as_dashes(policy_sweep, tmp_path):
     assert "train_tokens_per_s" in table.index
     row = next(line for line in format_table(table).splitlines() if line.startswith("train_tokens_per_s"))
     assert row.split() == ["train_tokens_per_s", "1,234", "-"]
-    paths = write_report(sweep)
-    assert [p.name for p in paths] == list(REPORT_FILES)
+    with pytest.warns(UserWarning, match="training.parquet is missing"):   # job 0 "trains" without records
+        paths = write_report(sweep)
+    # a run with training throughput: the Pareto plot is drawn; no training records: no progress plot
+    assert [p.name for p in paths] == ["comparison.csv", "comparison.md", "comparison_pareto.png",
+                                       "comparison_latency_cdf.png", "comparison_utilization.png", "report.html"]
     assert pd.read_csv(sweep / "comparison.csv")["train_tokens_per_s"].isna().tolist() == [False, True]
+    assert "No training records" in (sweep / "report.html").read_text()
 
 
 def test_a_job_without_summary_is_reported_not_dropped(policy_sweep, tmp_path, capsys):
@@ -125,6 +155,9 @@ def test_a_job_without_summary_is_reported_not_dropped(policy_sweep, tmp_path, c
     assert f"comparison of 1 run in {sweep} (1 incomplete jobs left out: {sweep / '1'}):" in out
     assert "round_robin" in out
     assert f"Incomplete jobs (no summary.json, left out): {sweep / '1'}" in (sweep / "comparison.md").read_text()
+    page = (sweep / "report.html").read_text()
+    assert f"1 job directory without summary.json (failed or still running) left out: {sweep / '1'}" in page
+    assert '<section id="run-1">' in page and '<section id="run-2">' not in page
     assert len(pd.read_csv(sweep / "comparison.csv")) == 1
     (sweep / "0" / "summary.json").unlink()
     with pytest.warns(IncompleteRunsWarning), pytest.raises(FileNotFoundError, match="no completed runs"):
@@ -155,6 +188,9 @@ def test_one_policy_swept_over_rates_is_labelled_by_the_overrides(tmp_path):
     assert list(csv["label"]) == ["workload.rate_scale=0.5", "workload.rate_scale=2"]
     assert csv["goodput_rps"][1] > 2 * csv["goodput_rps"][0]       # 4x the arrival rate, all attained
     assert not list(tmp_path.glob("*.png"))
+    page = (tmp_path / "report.html").read_text()     # the report is written with plots off too, saying so
+    assert "Plots were turned off" in page and "data:image/png" not in page
+    assert "workload.rate_scale=0.5" in page and "workload.rate_scale=2" in page
 
 
 def test_utilization_from_busy_time_or_the_utilization_column(policy_sweep):
@@ -175,3 +211,44 @@ def test_pareto_front():
     x = np.array([0.9, 1.0, 0.8, 0.9, 0.7])
     y = np.array([100.0, 0.0, 50.0, 100.0, 200.0])
     assert pareto_front(x, y).tolist() == [4, 0, 3, 1]     # by SLO attainment; ties both kept
+
+
+def test_counts_are_whole_numbers_in_every_table():
+    assert format_metric("optimizer_steps", 2.0) == "2" and format_metric("optimizer_steps", 5480.0) == "5,480"
+    assert format_metric("cost_off_grid_queries", 0) == "0" and format_metric("num_preemptions", float("nan")) == "-"
+    assert format_metric("slo_attainment", 1.0) == _cell(1.0) == "1.000"
+    assert format_metric("train_tokens_per_s", 1234.5) == "1,234"
+
+
+def test_pareto_and_training_progress_are_skipped_when_nothing_trains(policy_sweep, tmp_path):
+    df = load_runs(policy_sweep[0])
+    assert pareto(df, tmp_path / "p.png") is None and training_progress(df, tmp_path / "t.png") is None
+    assert not list(tmp_path.iterdir())
+    # a stale plot from an earlier report would contradict this one: rewriting the report removes it
+    sweep = shutil.copytree(policy_sweep[0], tmp_path / "sweep")
+    (sweep / "comparison_pareto.png").write_bytes(b"stale")
+    names = [p.name for p in write_report(sweep)]
+    assert "comparison_pareto.png" not in names and not (sweep / "comparison_pareto.png").exists()
+    assert set(names) == set(REPORT_FILES) | {"comparison_latency_cdf.png", "comparison_utilization.png"}
+    assert set(PLOT_FILES) >= {"comparison_pareto.png", "comparison_training.png"}
+
+
+# ---------------------------------------------------------------- SIMCOLO_MULTIRUN_DIR, relative or not
+def test_a_relative_multirun_dir_is_found_from_where_the_user_stands(tmp_path, monkeypatch):
+    (tmp_path / "here" / "multirun" / "a").mkdir(parents=True)
+    (tmp_path / "shell" / "multirun" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setenv("PWD", str(tmp_path / "shell"))
+    # the working directory first (the notebook kernel's), then $PWD (where jupyter was started)
+    assert resolve_multirun_dir("multirun/a") == tmp_path / "here" / "multirun" / "a"
+    assert resolve_multirun_dir("multirun/b") == tmp_path / "shell" / "multirun" / "b"
+    assert resolve_multirun_dir(str(tmp_path / "shell" / "multirun" / "b")) == tmp_path / "shell" / "multirun" / "b"
+    # then the project root (where `simcolo -m` run from the checkout writes multirun/)
+    assert resolve_multirun_dir("conf/sweep") == PROJECT_ROOT / "conf" / "sweep"
+    monkeypatch.setenv("HOME", str(tmp_path / "shell"))
+    assert resolve_multirun_dir("~/multirun/b") == tmp_path / "shell" / "multirun" / "b"
+    with pytest.raises(NoRunsError, match="tried .*here/multirun/c, .*shell/multirun/c"):
+        resolve_multirun_dir("multirun/c")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_multirun_dir(tmp_path / "nowhere")
+    assert resolve_multirun_dir("b", bases=[tmp_path / "shell" / "multirun"]) == tmp_path / "shell" / "multirun" / "b"

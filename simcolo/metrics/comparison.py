@@ -3,7 +3,8 @@
 ``simcolo -m policy=a,b ...`` writes one job directory per run (``multirun/<date>/<time>/<n>/``).
 :func:`load_runs` reads their ``summary.json`` files into one table, :func:`comparison_table` turns it
 into the side-by-side view (runs as columns, metrics as rows), :func:`write_report` writes
-``comparison.csv``, ``comparison.md`` and the comparison plots into the multirun directory, and
+``comparison.csv``, ``comparison.md``, the comparison plots and ``report.html`` (all of it in one
+self-contained page, :mod:`simcolo.metrics.report_html`) into the multirun directory, and
 :class:`ComparisonCallback` does that at the end of every sweep (``conf/hydra/callbacks/compare.yaml``).
 
 By hand, e.g. after a sweep that stopped on a failed job::
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -46,8 +49,11 @@ OPTIONAL_KEYS: tuple[str, ...] = (
     "slo_attainment_10x", "training_kind",
 )
 _META = ("job", "label", "overrides", "run_dir")
-REPORT_FILES = ("comparison.csv", "comparison.md", "comparison_pareto.png", "comparison_latency_cdf.png",
-                "comparison_utilization.png")
+#: always written (``report.html`` last: it embeds the plots)
+REPORT_FILES = ("comparison.csv", "comparison.md", "report.html")
+#: the comparison plots (with plots on); the Pareto and training plots only when some run trains
+PLOT_FILES = ("comparison_pareto.png", "comparison_latency_cdf.png", "comparison_utilization.png",
+              "comparison_training.png")
 
 
 class NoRunsError(SimcoloError, FileNotFoundError):
@@ -90,6 +96,36 @@ def _overrides(d: Path) -> list[str]:
         return []
     loaded = yaml.safe_load(path.read_text()) or []
     return [str(o) for o in loaded] if isinstance(loaded, list) else [str(loaded)]
+
+
+def resolve_multirun_dir(path: str | Path, bases: Sequence[str | Path] | None = None) -> Path:
+    """The sweep directory ``path`` names, for the notebooks' ``SIMCOLO_MULTIRUN_DIR``.
+
+    ``~`` is expanded; an absolute path is taken as is. A relative one is looked up, in order, under
+    ``bases``: by default the current working directory (of the notebook's kernel process), then
+    ``$PWD`` (the directory the shell that started Jupyter or ``nbconvert`` stood in, which the kernel
+    inherits even though Jupyter starts it in the notebook's folder), then the project root of a checkout
+    (where ``simcolo -m`` run from it writes ``multirun/``). The first base under which it exists wins. Raises :class:`NoRunsError` naming every place tried when it exists nowhere.
+    """
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        if not p.is_dir():
+            raise NoRunsError(f"multirun directory {p} does not exist")
+        return p
+    if bases is None:
+        from simcolo.paths import PROJECT_ROOT
+
+        checkout = [PROJECT_ROOT] if (PROJECT_ROOT / "pyproject.toml").is_file() else []   # not site-packages
+        bases = [Path.cwd()] + ([Path(os.environ["PWD"])] if os.environ.get("PWD") else []) + checkout
+    tried = []
+    for base in bases:
+        candidate = (Path(base) / p).resolve()
+        if candidate.is_dir():
+            return candidate
+        if candidate not in tried:
+            tried.append(candidate)
+    raise NoRunsError(f"multirun directory {path} not found; a relative path is looked up under the working "
+                      f"directory, $PWD and the project root: tried {', '.join(str(t) for t in tried)}")
 
 
 def _labels(policies: Sequence[Any], overrides: Sequence[list[str]], jobs: Sequence[int]) -> list[str]:
@@ -191,7 +227,9 @@ def comparison_table(df: pd.DataFrame, keys: Sequence[str] = DEFAULT_KEYS) -> pd
     return table.infer_objects()
 
 
-def _cell(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A table cell: ``-`` for a missing value, thousands separated for large numbers, 3-4 significant
+    decimals otherwise (what the printed table, ``comparison.md`` and ``report.html`` show)."""
     if value is None:
         return "-"
     if isinstance(value, str):
@@ -216,6 +254,26 @@ def _cell(value: Any) -> str:
     return f"{v:.4f}"
 
 
+_cell = format_value
+
+_COUNT_KEYS = ("optimizer_steps", "iterations", "seed", "weight_syncs", "cost_off_grid_queries",
+               "kv_blocks_per_instance", "num_gpus", "num_instances")
+_COUNT_PREFIXES = ("num_", "status_", "workload_num_", "train_tasks_", "train_queued", "train_deferred",
+                   "finetune_aborted", "decode_waits")
+
+
+def format_metric(metric: str, value: Any) -> str:
+    """:func:`format_value`, with counts (optimizer steps, requests, ...) shown as whole numbers."""
+    if str(metric) in _COUNT_KEYS or str(metric).startswith(_COUNT_PREFIXES):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return format_value(value)
+        if math.isfinite(v) and v.is_integer():
+            return f"{int(v):,}"
+    return format_value(value)
+
+
 #: with more runs than this the printed table turns around: one line per run, metrics as columns
 MAX_RUNS_AS_COLUMNS = 6
 
@@ -223,7 +281,9 @@ MAX_RUNS_AS_COLUMNS = 6
 def format_table(table: pd.DataFrame, corner: str = "metric") -> str:
     """Fixed-width text of a :func:`comparison_table` (what the sweep prints at its end); ``corner``
     names the row labels (``run`` for a transposed table)."""
-    cells = [[_cell(v) for v in row] for row in table.itertuples(index=False)]
+    by_column = corner == "run"     # a transposed table: the metrics are its columns
+    cells = [[format_metric(table.columns[j] if by_column else name, v) for j, v in enumerate(row)]
+             for name, row in zip(table.index, table.itertuples(index=False))]
     cols = [str(c) for c in table.columns]
     first = max([len(corner), *(len(str(i)) for i in table.index)])
     widths = [max(len(c), *(len(r[j]) for r in cells)) if cells else len(c) for j, c in enumerate(cols)]
@@ -241,7 +301,7 @@ def _markdown(table: pd.DataFrame, df: pd.DataFrame) -> str:
     lines = [f"# Comparison of {len(df)} runs: {df.attrs.get('multirun_dir', '')}".rstrip(": "), "",
              "| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, row in zip(table.index, table.itertuples(index=False)):
-        lines.append(f"| {esc(str(name))} | " + " | ".join(esc(_cell(v)) for v in row) + " |")
+        lines.append(f"| {esc(str(name))} | " + " | ".join(esc(format_metric(name, v)) for v in row) + " |")
     lines += ["", "| run | job | overrides | directory |", "|---|---:|---|---|"]
     for r in df.itertuples(index=False):
         lines.append(f"| {esc(str(r.label))} | {r.job} | {esc(str(r.overrides)) or '-'} | {esc(str(r.run_dir))} |")
@@ -253,27 +313,77 @@ def _markdown(table: pd.DataFrame, df: pd.DataFrame) -> str:
 
 # ------------------------------------------------------------------------------------------ report
 def write_report(multirun_dir: str | Path, plots: bool = True) -> list[Path]:
-    """Write ``comparison.csv`` (all runs, all summary keys), ``comparison.md`` (the side-by-side table)
-    and, with ``plots``, ``comparison_{pareto,latency_cdf,utilization}.png`` into ``multirun_dir``.
+    """Write ``comparison.csv`` (all runs, all summary keys), ``comparison.md`` (the side-by-side table),
+    with ``plots`` the comparison plots (:data:`PLOT_FILES`; the Pareto and training-progress plots only
+    when some run trains) and, last, ``report.html`` (all of it, the runs' configs, cost tables and own
+    plots in one self-contained page) into ``multirun_dir``.
 
-    Each file is written atomically. Returns the paths written.
+    Each file is written atomically; a plot skipped this time is removed if an earlier report left one.
+    Returns the paths written.
     """
     return _write_report(load_runs(multirun_dir), Path(multirun_dir), plots)
 
 
+#: name, drawing function (in comparison_plots), title, how to read it, why it is skipped when it draws nothing
+_PLOTS = (
+    (
+        "comparison_pareto.png", "pareto", "SLO attainment vs training throughput (Pareto)",
+        ("One numbered point per run (the legend names them). Right is better (more requests within both "
+         "the TTFT and TPOT SLOs; the axis stops at 1, all of them, and the shaded band past it cannot be "
+         "reached); up is better (more training tokens per second). The red staircase is the Pareto front:"
+         " the runs no other run beats on both; a run below or left of it is dominated."),
+        ("No run in this sweep trains (training=none everywhere): there is no training throughput to trade"
+         " SLO attainment against, so there is no Pareto plot."),
+    ),
+    (
+        "comparison_latency_cdf.png", "latency_cdfs", "Latency CDFs",
+        ("Share of finished requests (y) whose time to first token (left) or time per output token (right)"
+         " is at most x. Further left and higher is better; the gap at the top is the tail (p99 is where a"
+         " curve crosses 0.99)."),
+        None,
+    ),
+    (
+        "comparison_utilization.png", "utilization_timelines", "GPU utilisation over time",
+        ("Mean over each run's GPUs of the fraction of each sampling interval they were busy. Higher means"
+         " more of the hardware is working; it says nothing by itself about whether the work met its SLO."),
+        None,
+    ),
+    (
+        "comparison_training.png", "training_progress", "Training progress",
+        ("Training tokens (left) and optimizer steps (right), summed over all of a run's trainers, over "
+         "simulated time; steeper is faster training. Flat stretches are times no step finished (serving "
+         "took the GPUs, or the training data ran out)."),
+        "No training records: no run in this sweep trains (or their training.parquet files are missing).",
+    ),
+)
+
+
 def _write_report(df: pd.DataFrame, root: Path, plots: bool) -> list[Path]:
+    from simcolo.metrics.report_html import Plot, render, write_html
+
     paths = [root / "comparison.csv", root / "comparison.md"]
+    table = comparison_table(df)
     with atomic_path(paths[0]) as tmp:
         df.to_csv(tmp, index=False)
     with atomic_path(paths[1]) as tmp:
-        tmp.write_text(_markdown(comparison_table(df), df))
+        tmp.write_text(_markdown(table, df))
+    drawn: list[Plot] | None = None
     if plots:
-        from simcolo.metrics.comparison_plots import latency_cdfs, pareto, utilization_timelines
+        from simcolo.metrics import comparison_plots
 
-        for name, draw in (("comparison_pareto.png", pareto), ("comparison_latency_cdf.png", latency_cdfs),
-                           ("comparison_utilization.png", utilization_timelines)):
-            draw(df, root / name)
-            paths.append(root / name)
+        drawn = []
+        for name, func, title, how, skipped in _PLOTS:
+            path = root / name
+            fig = getattr(comparison_plots, func)(df, path)
+            if fig is None:
+                path.unlink(missing_ok=True)     # a plot an earlier report drew would contradict this one
+                drawn.append(Plot(title, how, skipped=skipped))
+            else:
+                paths.append(path)
+                drawn.append(Plot(title, how, png=path.read_bytes()))
+    html_path = root / "report.html"
+    write_html(html_path, render(df, table, drawn, format_metric, files=[p.name for p in paths]))
+    paths.append(html_path)
     return paths
 
 
@@ -294,12 +404,14 @@ def _report(multirun_dir: str | Path, plots: bool, quiet: bool) -> list[Path]:
         else:   # a large sweep: a line per run reads better than a column per run
             print(format_table(table.T, corner="run"))
         print(f"comparison: {', '.join(str(p) for p in paths)}")
+        print(f"report: {Path(multirun_dir) / 'report.html'} (self-contained: open it in a browser)")
     return paths
 
 
 class ComparisonCallback(_HydraCallback):
-    """Hydra callback: at the end of every multirun, write the comparison report into the sweep
-    directory and print the side-by-side table (unless ``metrics.quiet``).
+    """Hydra callback: at the end of every multirun, write the comparison report (``comparison.csv``,
+    ``comparison.md``, the plots and the self-contained ``report.html``) into the sweep directory and
+    print the side-by-side table (unless ``metrics.quiet``).
 
     Registered by ``conf/hydra/callbacks/compare.yaml``. Hydra turns an exception raised here into a
     warning, so a report that cannot be written never fails the sweep. A sweep stopped by a failed job
@@ -317,7 +429,8 @@ class ComparisonCallback(_HydraCallback):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simcolo.metrics.comparison DIR [--no-plots]``: the report of a finished sweep."""
+    """``python -m simcolo.metrics.comparison DIR [--no-plots]``: the report of a finished sweep (``DIR``
+    relative to the working directory)."""
     args = list(sys.argv[1:] if argv is None else argv)
     dirs = [a for a in args if a != "--no-plots"]
     if len(dirs) != 1:

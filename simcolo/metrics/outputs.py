@@ -76,6 +76,7 @@ def write_outputs(out_dir: Path, plots_on: bool, result: RunResult, label: str,
         from simcolo.metrics.plots import write_plots
 
         columns = ["status", "ttft_s", "tpot_s", "e2el_s", "finish_s", "output_tokens"]
-        plots = write_plots(result.sink.read(columns).to_pandas(), result.timeline, out_dir / "plots", label)
+        plots = write_plots(result.sink.read(columns).to_pandas(), result.timeline, out_dir / "plots", label,
+                            training=result.training)
     write_json(out_dir / "summary.json", result.summary)
     return plots
