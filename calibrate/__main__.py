@@ -1,5 +1,8 @@
 """``python -m calibrate model=<name> device=<cpu|cuda> out=<dir>``: measure and write a cost-table
-directory (Hydra app over ``conf/calibrate.yaml``; see that file for every key)."""
+directory (Hydra app over ``conf/calibrate.yaml``, shipped in the package; see that file for every key).
+
+``out`` is relative to the working directory; ``--config-dir DIR`` adds a config directory of your own
+(``DIR/model/<name>.yaml`` for a model the project does not ship)."""
 from __future__ import annotations
 
 import sys
