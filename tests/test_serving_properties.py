@@ -29,11 +29,15 @@ def test_conservation_and_kv_capacity(c):
     df = result.requests()
     # every request appears exactly once, finished or with a reason
     assert sorted(df["request_id"]) == list(range(c["n"]))
-    assert set(df["status"]) <= {"finished", "exceeds_kv_capacity"}
-    # rejected exactly when its final KV (prompt + output - 1 tokens) cannot fit beside the watermark
+    assert set(df["status"]) <= {"finished", "exceeds_kv_capacity", "exceeds_context"}
+    # refused exactly when longer than the model's context (checked first, as vLLM's API server does) ...
+    context = result.backend.model.max_context_len
+    over = df["prompt_tokens"] + df["output_tokens"] > context
+    assert ((df["status"] == "exceeds_context") == over).all()
+    # ... else rejected exactly when its final KV (prompt + output - 1 tokens) cannot fit beside the watermark
     usable_blocks = c["blocks"] - int(0.01 * c["blocks"])
     final_blocks = -(-(df["prompt_tokens"] + df["output_tokens"] - 1) // 16)
-    assert ((df["status"] == "exceeds_kv_capacity") == (final_blocks > usable_blocks)).all()
+    assert ((df["status"] == "exceeds_kv_capacity") == (~over & (final_blocks > usable_blocks))).all()
     done = df[df["status"] == "finished"]
     assert (done["first_token_s"] >= done["arrival_s"]).all() and (done["finish_s"] >= done["first_token_s"]).all()
     # KV never over capacity (sampled every 50 ms; the instance also checks at every decode run)
