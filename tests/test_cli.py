@@ -170,3 +170,37 @@ def test_over_length_requests_are_reported_in_one_console_line(tmp_path, mode, l
     assert s["num_finished"] == (2 if mode == "reject" else 4)
     fits = simcolo(*args, "workload.max_requests=1", f"hydra.run.dir={tmp_path / 'fits'}")   # nothing to report
     assert fits.returncode == 0 and "context" not in fits.stderr
+
+
+@pytest.mark.parametrize("policy, applies, absent", [
+    ("least_outstanding", [], ["GPU utilisation", "training (", "bubble rate", "LeMix throughput"]),
+    ("lemix", ["GPU utilisation", "training (full, pipelines)", "bubble rate", "LeMix throughput"], []),
+    ("harli", ["GPU utilisation", "training (lora, finetune)"], ["bubble rate", "LeMix throughput"]),
+])
+def test_the_console_shows_the_rows_that_apply_and_cli_log_holds_the_run(tmp_path, policy, applies, absent):
+    cluster = "cluster=h100x4" if policy == "least_outstanding" else "cluster=h100x8"
+    proc = simcolo(f"policy={policy}", cluster, "workload.max_requests=120", "metrics.plots=false",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    for text in ["serving instances busy", *applies]:
+        assert text in proc.stdout, text
+    for text in absent:
+        assert text not in proc.stdout, text
+    assert "nan" not in proc.stdout
+    # the run's log holds what the console showed, with times and levels
+    log = (tmp_path / "cli.log").read_text()
+    assert f"[simcolo][INFO] - outputs: {tmp_path}" in log
+    for line in proc.stdout.splitlines():
+        assert line in log, line
+
+
+def test_a_quiet_run_keeps_its_summary_in_cli_log_and_errors_go_there_too(tmp_path):
+    quiet = simcolo("workload.max_requests=50", "metrics.plots=false", "metrics.quiet=true",
+                    f"hydra.run.dir={tmp_path / 'quiet'}")
+    assert quiet.returncode == 0 and "SLO attainment" not in quiet.stdout
+    assert "SLO attainment" in (tmp_path / "quiet" / "cli.log").read_text()
+    bad = simcolo("seed=-3", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2 and not (tmp_path / "bad" / "summary.json").exists()
+    line = bad.stderr.strip().splitlines()[-1]
+    assert line.startswith("simcolo: error: seed")
+    assert f"[simcolo.stderr][ERROR] - {line}" in (tmp_path / "bad" / "cli.log").read_text()

@@ -183,7 +183,7 @@ def test_one_policy_swept_over_rates_is_labelled_by_the_overrides(tmp_path):
                    "hydra.callbacks.compare.plots=false", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     header = proc.stdout.split(f"comparison of 2 runs in {tmp_path}:\n")[1].splitlines()[0]
-    assert header.split() == ["metric", "workload.rate_scale=0.5", "workload.rate_scale=2"]
+    assert header.split() == ["metric", "rate_scale=0.5", "rate_scale=2"]     # printed as the plots name them
     csv = pd.read_csv(tmp_path / "comparison.csv")
     assert list(csv["label"]) == ["workload.rate_scale=0.5", "workload.rate_scale=2"]
     assert csv["goodput_rps"][1] > 2 * csv["goodput_rps"][0]       # 4x the arrival rate, all attained
@@ -252,3 +252,14 @@ def test_a_relative_multirun_dir_is_found_from_where_the_user_stands(tmp_path, m
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_multirun_dir(tmp_path / "nowhere")
     assert resolve_multirun_dir("b", bases=[tmp_path / "shell" / "multirun"]) == tmp_path / "shell" / "multirun" / "b"
+
+
+def test_run_names_of_several_words_are_stacked_over_header_lines():
+    table = pd.DataFrame({"lemix rate_scale=2": [0.998, 64853.0], "isolated rate_scale=2": [1.0, 31719.0]},
+                         index=pd.Index(["slo_attainment", "train_tokens_per_s"], name="metric"))
+    lines = format_table(table).splitlines()
+    assert len({len(line) for line in lines}) == 1                    # fixed width
+    assert lines[0].split() == ["lemix", "isolated"]
+    assert lines[1].split() == ["metric", "rate_scale=2", "rate_scale=2"]
+    assert lines[3].split() == ["train_tokens_per_s", "64,853", "31,719"]
+    assert len(lines[0]) < len("train_tokens_per_s") + 2 * (len("isolated rate_scale=2") + 2)

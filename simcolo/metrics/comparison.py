@@ -280,14 +280,20 @@ MAX_RUNS_AS_COLUMNS = 6
 
 def format_table(table: pd.DataFrame, corner: str = "metric") -> str:
     """Fixed-width text of a :func:`comparison_table` (what the sweep prints at its end); ``corner``
-    names the row labels (``run`` for a transposed table)."""
+    names the row labels (``run`` for a transposed table). Run names of several words (``lemix
+    rate_scale=2``) are stacked over header lines, one word a line, so that a column is as wide as its
+    longest word or value, not its whole name."""
     by_column = corner == "run"     # a transposed table: the metrics are its columns
     cells = [[format_metric(table.columns[j] if by_column else name, v) for j, v in enumerate(row)]
              for name, row in zip(table.index, table.itertuples(index=False))]
-    cols = [str(c) for c in table.columns]
+    heads = [[str(c)] if by_column else str(c).split() or [""] for c in table.columns]
+    depth = max((len(h) for h in heads), default=1)
+    heads = [[""] * (depth - len(h)) + h for h in heads]      # bottom-aligned
     first = max([len(corner), *(len(str(i)) for i in table.index)])
-    widths = [max(len(c), *(len(r[j]) for r in cells)) if cells else len(c) for j, c in enumerate(cols)]
-    lines = [corner.ljust(first) + "".join(f"  {c:>{w}}" for c, w in zip(cols, widths))]
+    widths = [max(max(len(w) for w in h), *(len(r[j]) for r in cells)) if cells else max(len(w) for w in h)
+              for j, h in enumerate(heads)]
+    lines = [(corner if d == depth - 1 else "").ljust(first) + "".join(f"  {h[d]:>{w}}" for h, w in zip(heads, widths))
+             for d in range(depth)]
     for name, row in zip(table.index, cells):
         lines.append(str(name).ljust(first) + "".join(f"  {v:>{w}}" for v, w in zip(row, widths)))
     return "\n".join(lines)
@@ -388,6 +394,8 @@ def _write_report(df: pd.DataFrame, root: Path, plots: bool) -> list[Path]:
 
 
 def _report(multirun_dir: str | Path, plots: bool, quiet: bool) -> list[Path]:
+    from simcolo.metrics.comparison_plots import short_labels
+
     with warnings.catch_warnings():
         if not quiet:  # the incomplete jobs are named in the table's title line instead
             warnings.simplefilter("ignore", IncompleteRunsWarning)
@@ -399,6 +407,7 @@ def _report(multirun_dir: str | Path, plots: bool, quiet: bool) -> list[Path]:
               + (f" ({len(incomplete)} incomplete jobs left out: {', '.join(incomplete)})" if incomplete else "")
               + ":")
         table = comparison_table(df)
+        table.columns = short_labels(df)   # as the plots name the runs: `lemix rate_scale=2`
         if table.shape[1] <= MAX_RUNS_AS_COLUMNS:
             print(format_table(table))
         else:   # a large sweep: a line per run reads better than a column per run
