@@ -14,6 +14,13 @@ Definitions:
   time of the nodes (a node is a serving instance's or a training replica's GPU group; its active time
   is the busiest of its GPUs' busy time) — LeMix's definition, beside the conventional ones.
 * ``gpu_utilization_mean``: mean over GPUs of the fraction of the run they had anything running.
+* ``train_job``: ``full`` | ``lora`` | ``none`` -- which job trained (``none``: serving alone).
+* ``train_flops_per_s``: training work in a job-neutral unit, model FLOPs per second of the run
+  (:func:`train_flops_per_token` x ``train_tokens_per_s``): full-parameter training and LoRA finetuning,
+  whatever their sequence lengths and batch sizes, compare in one number (0 for serving alone).
+* ``train_mfu``: model FLOPs utilisation of the GPUs that train, ``train_flops_per_s`` / (their count x
+  the GPU's ``peak_bf16_flops``). The GPUs that train: isolated's training replicas, every GPU of a
+  co-located pipelines layout (they serve too), the decode GPUs of a finetune layout (0 for serving alone).
 """
 from __future__ import annotations
 
@@ -48,6 +55,73 @@ def slo_multiples(sink, cost, multiples=(1, 5, 10)) -> dict[str, float]:
     return {f"slo_attainment_{k}x": float(np.count_nonzero(ratio <= k * (1 + 1e-9))) / n for k in multiples}
 
 
+def flops_params(model) -> int:
+    """Weights that multiply an activation once per token: every decoder layer's projections (and its
+    norms) plus the output projection (vocab x hidden, tied to the embedding or not). The input
+    embedding is a table lookup and costs no FLOPs, so it is left out."""
+    return model.num_layers * model.layer_params + model.vocab_size * model.hidden_size
+
+
+def train_flops_per_token(model, job: str, rank: int = 0) -> float:
+    """Model FLOPs that training spends per token, for ``job`` ``full`` | ``lora`` | ``none``.
+
+    With N = :func:`flops_params` (a matrix of N weights costs 2N FLOPs per token -- a multiply and an
+    add per weight -- in the forward, and the backward costs twice the forward: one matrix product for
+    the gradient w.r.t. the layer's input and one for the gradient w.r.t. its weights):
+
+    * ``full``: 2N forward + 4N backward = **6N** (the 6N rule of Kaplan et al. 2020, "Scaling Laws for
+      Neural Language Models", sec. 2.1: C ~ 6 N per training token).
+    * ``lora``: the frozen base runs its forward (2N) and back-propagates to its *inputs* (2N: every
+      decoder layer holds adapters -- on q, k, v, o, ``simcolo.training.memory.lora_params`` -- so the
+      gradient must reach the first layer), but computes no gradient w.r.t. its frozen weights (the 2N
+      that full training spends there; Hu et al. 2021, "LoRA", sec. 4.2: no gradients or optimizer
+      state for the frozen weights). The N_A = ``lora_params(model, rank)`` adapter weights are trained
+      fully: 6 N_A. Total **4N + 6 N_A** (N_A is ~0.1 % of N at rank 16 on Llama-3-8B).
+    * ``none``: 0.
+
+    These are *model* FLOPs, the useful work (the convention of model FLOPs utilisation, Chowdhery et al.
+    2022, "PaLM", appendix B): activation checkpointing's recomputed forward (2N more per token in
+    hardware) is not counted, so a job is not credited for recomputing. Attention's score and value
+    products (Kaplan et al.'s 2 x layers x context x hidden per token in the forward: about 7 % of 2N for
+    Llama-3-8B at 4,096 tokens) are left out, as the 6N rule leaves them out.
+    """
+    if job == "none":
+        return 0.0
+    n = float(flops_params(model))
+    if job == "full":
+        return 6.0 * n
+    if job == "lora":
+        from simcolo.training.memory import lora_params
+
+        return 4.0 * n + 6.0 * float(lora_params(model, rank))
+    raise ValueError(f"unknown training job {job!r}; expected full, lora or none")
+
+
+def training_gpus(plan) -> list[int]:
+    """GPUs that train in a layout plan: isolated's training replicas, every GPU of a pipelines layout's
+    nodes, the decode instances' GPUs of a finetune layout; none without training."""
+    from simcolo.layout.plan import FinetunePlan, IsolatedTrainingPlan, NodeTrainingPlan
+
+    trainer = plan.trainer
+    if isinstance(trainer, IsolatedTrainingPlan):
+        return sorted(g for grp in trainer.groups for g in grp)
+    if isinstance(trainer, NodeTrainingPlan):
+        return sorted(g for inst in plan.instances for g in inst.gpus)
+    if isinstance(trainer, FinetunePlan):
+        return sorted(g for i in trainer.decoders for g in plan.instances[i].gpus)
+    return []
+
+
+def training_work(backend, train_tokens_per_s: float) -> dict:
+    """``train_job``, ``train_flops_per_s`` and ``train_mfu`` of a run (see the module docstring)."""
+    t = backend.training
+    if t is None:
+        return {"train_job": "none", "train_flops_per_s": 0.0, "train_mfu": 0.0}
+    flops = train_flops_per_token(backend.model, t.kind, getattr(t, "rank", 0)) * train_tokens_per_s
+    peak = len(training_gpus(backend.plan)) * float(backend.run.gpu.peak_bf16_flops)
+    return {"train_job": t.kind, "train_flops_per_s": flops, "train_mfu": flops / peak if peak > 0 else math.nan}
+
+
 @dataclass
 class TrainerReport:
     """What one trainer (a simulated or live pipeline, isolated trainer or finetuner) did in a run."""
@@ -69,13 +143,15 @@ def training_summary(backend, sink, duration_s: float, num_finished: int) -> dic
     d = duration_s
     if backend.training is None:
         return {"training_kind": "none", "layout": backend.layout,
-                "gpu_utilization_mean": float(np.mean(busy)) / d if busy and d > 0 else 0.0}
+                "gpu_utilization_mean": float(np.mean(busy)) / d if busy and d > 0 else 0.0,
+                **training_work(backend, 0.0)}
     reports = [t.report() for t in backend.trainers]
     out: dict = {"training_kind": backend.training.kind, "layout": backend.layout,
                  "train_tasks_done": backend.tasks_done,
                  "train_tokens_per_s": sum(r.tokens_done for r in reports) / d if d > 0 else math.nan,
                  "train_samples_per_s": sum(r.sequences_done for r in reports) / d if d > 0 else math.nan,
                  "optimizer_steps": len(backend.records.rows), "train_tasks_created": backend.stream.created}
+    out.update(training_work(backend, out["train_tokens_per_s"]))
     finished = sink.status_is("finished")
     versions = sink.column("model_version")[finished]
     out["inference_loss_mean"] = float(backend.learning_curve.loss(versions).mean()) if versions.size else math.nan
