@@ -200,7 +200,9 @@ def test_a_point_slowed_by_a_burst_of_load_is_measured_again(tmp_path):
     result = _run(tmp_path)
     assert result.measured == 0 and result.rechecked >= 1
     prefill = pd.read_csv(tmp_path / "prefill.csv").set_index(["batch_tokens", "num_seqs"])["latency_s"]
-    assert prefill[(16, 1)] < 1.25 * prefill[(32, 1)]
+    # measured again: back near its neighbour's time (the injected value was 50x; sub-millisecond CPU timings
+    # of a loaded 2-core machine wobble by tens of percent, so the bound is loose)
+    assert prefill[(16, 1)] < 5 * prefill[(32, 1)]
 
 
 # ------------------------------------------------------------------------------------ memory
