@@ -46,12 +46,12 @@ def slo_multiples(sink, cost, multiples=(1, 5, 10)) -> dict[str, float]:
     n = len(finished)
     if not n:
         return {f"slo_attainment_{k}x": math.nan for k in multiples}
-    prompt = sink.column("prompt_tokens").astype(np.float64)
-    base = unloaded_latency_s(cost, prompt, sink.column("output_tokens").astype(np.float64))
+    # only finished requests have a latency (a refused one may not even fit the cost tables' grid)
+    prompt = sink.column("prompt_tokens")[finished].astype(np.float64)
+    base = unloaded_latency_s(cost, prompt, sink.column("output_tokens")[finished].astype(np.float64))
     del prompt
-    ratio = sink.column("e2el_s") / base
+    ratio = sink.column("e2el_s")[finished] / base
     del base
-    ratio[~finished] = np.inf
     return {f"slo_attainment_{k}x": float(np.count_nonzero(ratio <= k * (1 + 1e-9))) / n for k in multiples}
 
 
