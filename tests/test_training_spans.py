@@ -87,4 +87,4 @@ def test_steps_run_back_to_back_at_the_template_duration():
     np.testing.assert_allclose(np.diff(steps.end_s.to_numpy()), tpl.duration_s, rtol=1e-9)
     np.testing.assert_allclose(steps.start_s.to_numpy()[1:], steps.end_s.to_numpy()[:-1])
     # every task a step finished was replaced: the backlog stays full
-    assert r.summary["train_queued_tasks"] + r.backend.trainer.tasks_per_step == 64
+    assert r.summary["train_queued_tasks"] + r.backend.trainer.tasks_per_step == r.backend.training.data.backlog

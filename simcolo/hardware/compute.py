@@ -116,6 +116,12 @@ class SharedCompute:
             return [f / n] * n + [1.0 - f] * (len(kinds) - n)
         return self.interference.rates(kinds, self.sm_share)
 
+    def add_training_busy(self, seconds: float) -> None:
+        """Count ``seconds`` of training kernels a closed-form trainer ran on this GPU without them (it
+        is the GPU's only user, so they are busy time on both clocks)."""
+        self.busy_s += seconds
+        self.train_busy_s += seconds
+
     def busy_at(self, now: float) -> float:
         """Busy seconds up to ``now`` (a pure query: counts the interval since the last change)."""
         busy = self.busy_s if self.offline is None else self.busy_s + self.offline(now)

@@ -1,6 +1,7 @@
 """One synchronous training step of a pipeline on simulated GPUs.
 
-Each stage is a SimPy process that reads like the schedule: for each operation, wait for its input
+:func:`run_step` runs it event by event; :func:`step_template` computes, once, what it does on GPUs of its
+own (the isolated trainer's case), and a test holds the two equal. Event by event, each stage is a SimPy process that reads like the schedule: for each operation, wait for its input
 (the previous stage's activation for a forward, the next stage's gradient for a backward), run the
 kernel on the stage's GPU through processor-sharing compute (so co-running inference slows it), and
 send the result on over the link. Activations are held in the stage's GPU memory from a micro-batch's
@@ -117,15 +118,16 @@ class StepTemplate:
     busy_s: tuple[float, ...]                 # forward + backward seconds per stage
     gpu_busy_s: tuple[float, ...]             # ... plus the stage's optimizer: its GPU's busy time per step
     peak_activation_bytes: tuple[float, ...]
-    optimizer_start_s: float
+    optimizer_start_s: float                  # every stage's optimizer starts here (after the all-reduce)
+    optimizer_s: tuple[float, ...]
 
     def gpu_busy_until(self, s: int, t: float, partial: bool) -> float:
         """Busy seconds of stage ``s``'s GPU from the step's start to ``t``: with ``partial``, the kernel
         running at ``t`` counts up to ``t`` (a timeline sample); without, only kernels ended by ``t`` count
         (the processor-sharing clock charges a kernel when it ends)."""
-        opt_end = self.optimizer_start_s + (self.gpu_busy_s[s] - self.busy_s[s])
+        opt = ("O", self.optimizer_start_s, self.optimizer_start_s + self.optimizer_s[s])
         busy = 0.0
-        for _, start, end in (*self.ops[s], ("O", self.optimizer_start_s, opt_end)):
+        for _, start, end in (*self.ops[s], opt):
             if end <= t:
                 busy += end - start
             elif partial and start < t:
@@ -188,4 +190,4 @@ def step_template(forward_s: list[float], backward_s: list[float], optimizer_s: 
     duration = after + max(optimizer_s) if optimizer_s and max(optimizer_s) > 0 else after
     busy = tuple(sum(e - b for _, b, e in ops[s]) for s in range(S))
     return StepTemplate(tuple(tuple(o) for o in ops), compute_end, duration, busy,
-                        tuple(busy[s] + optimizer_s[s] for s in range(S)), tuple(peak), after)
+                        tuple(busy[s] + optimizer_s[s] for s in range(S)), tuple(peak), after, tuple(optimizer_s))

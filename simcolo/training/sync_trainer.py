@@ -20,6 +20,7 @@ holds its step's peak activations while the trainer runs.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from typing import Callable
 
@@ -108,8 +109,7 @@ class SyncTrainer:
         for _ in range(k):   # step by step, so that a span adds up exactly as single steps do
             for gpus in self.replicas:
                 for s, g in enumerate(gpus):
-                    g.compute.busy_s += tpl.gpu_busy_s[s]
-                    g.compute.train_busy_s += tpl.gpu_busy_s[s]
+                    g.compute.add_training_busy(tpl.gpu_busy_s[s])
                 self.stage_busy_s += stage_busy
                 self.stage_span_s += stage_span
         recycled = self.recycle is not None
@@ -135,22 +135,23 @@ class SyncTrainer:
         elif k < n:   # the run ended mid-span: the step in progress holds its tasks, later ones took none
             self.queue.extendleft(reversed(tasks[(k + 1) * per:]))
 
+    def _steps_done(self, now: float) -> tuple[int, float]:
+        """(steps of the span in flight ended by ``now``, when the step in progress began)."""
+        start, ends, _, _ = self._span
+        k = bisect_right(ends, now)
+        return k, (start if k == 0 else ends[k - 1])
+
     def _span_busy_s(self, s: int, now: float, partial: bool) -> float:
         """Stage ``s``'s GPU busy time in the span in flight up to ``now`` (not yet on its busy clock)."""
         if self._span is None:
             return 0.0
-        start, ends, _, _ = self._span
-        tpl = self.template
-        k = 0
-        while k < len(ends) and ends[k] <= now:
-            k += 1
+        k, step_start = self._steps_done(now)
         busy = 0.0
         for _ in range(k):
-            busy += tpl.gpu_busy_s[s]
-        if k == len(ends):
+            busy += self.template.gpu_busy_s[s]
+        if k == len(self._span[1]):
             return busy
-        step_start = start if k == 0 else ends[k - 1]
-        return busy + tpl.gpu_busy_until(s, now - step_start, partial)
+        return busy + self.template.gpu_busy_until(s, now - step_start, partial)
 
     def _hold_activations(self, hold: bool) -> None:
         self._holding = hold
@@ -167,17 +168,12 @@ class SyncTrainer:
         step in progress that ended by then."""
         if self._span is None:
             return
-        start, ends, _, _ = self._span
-        k = 0
-        while k < len(ends) and ends[k] <= now:
-            k += 1
-        step_start = start if k == 0 else ends[k - 1]
+        k, step_start = self._steps_done(now)
         partial = [self.template.gpu_busy_until(s, now - step_start, False) for s in range(len(self.replicas[0]))]
         self._credit(k)
         for gpus in self.replicas:
             for s, g in enumerate(gpus):
-                g.compute.busy_s += partial[s]
-                g.compute.train_busy_s += partial[s]
+                g.compute.add_training_busy(partial[s])
 
     def report(self) -> TrainerReport:
         return TrainerReport(self.sequences_done, self.tokens_done, self.stage_busy_s, self.stage_span_s,
