@@ -61,3 +61,38 @@ def test_cluster_links_and_instance_groups():
         cluster.allocate_groups(1, 8)
     with pytest.raises(ConfigError, match="need 10 GPUs"):
         cluster.allocate_groups(5, 2)
+
+
+class _Resident:
+    """A serving instance as the shared compute sees it: it only takes the rate it is given."""
+
+    def __init__(self):
+        self.rates = []
+
+    def set_rate(self, gpu, rate):
+        self.rates.append(rate)
+
+
+def test_a_kernel_slowed_and_sped_up_ends_where_processor_sharing_says_with_few_timer_events():
+    # a 1 s training kernel beside a resident that runs for 0.1 s out of every 0.2 s: at half speed
+    # while it runs (UniformSlowdown(1)), so the kernel does 0.15 s of work per 0.2 s period
+    env = SimEnvironment()
+    compute = SharedCompute(env, UniformSlowdown(1.0))
+    resident = _Resident()
+    ended = []
+    compute.start("train_forward", 1.0, lambda: ended.append(env.now))
+    for k in range(8):
+        At(env, 0.2 * k).callbacks.append(lambda _ev: compute.set_resident(resident, "decode"))
+        At(env, 0.2 * k + 0.1).callbacks.append(lambda _ev: compute.set_resident(resident, None))
+    before = next(env._eid)   # SimPy's event counter
+    env.run()
+    # 6 periods do 0.9 s of work by 1.2 s; 0.05 s more at half speed beside the 7th resident spell
+    # (1.2 .. 1.3 s), the last 0.05 s alone: the kernel ends at 1.35 s
+    assert ended == [pytest.approx(1.35)]
+    # busy: the kernel until 1.35 s, then the 8th resident spell (1.4 .. 1.5 s)
+    assert compute.running == [] and compute.busy_s == pytest.approx(1.45)
+    assert resident.rates == [0.5] * 7 + [1.0]   # half speed beside the kernel, full after it
+    # slowing down keeps the timer (re-armed when it fires early); a speed-up arms one only if the end
+    # moves before the armed time: here fewer timers than the 7 speed-ups (one per rate change: 14)
+    timers = next(env._eid) - before - 1
+    assert 1 <= timers < 7

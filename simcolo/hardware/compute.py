@@ -18,7 +18,7 @@ from simcolo.hardware.interference import InterferenceModel, NoInterference
 
 
 class Kernel:
-    __slots__ = ("kind", "remaining", "rate", "done", "on_done", "started_s", "_timer")
+    __slots__ = ("kind", "remaining", "rate", "done", "on_done", "started_s", "end_s", "_timer", "_timer_at")
 
     def __init__(self, kind: str, work_s: float, done, on_done=None):
         self.kind = kind
@@ -27,7 +27,9 @@ class Kernel:
         self.done = done          # a SimPy event (``run``), or None when ``on_done`` is called instead
         self.on_done = on_done
         self.started_s = 0.0
-        self._timer = None
+        self.end_s = 0.0          # when it finishes at its current rate
+        self._timer = None        # the live finish timer (it may fire before ``end_s``: see _reschedule)
+        self._timer_at = 0.0
 
 
 class SharedCompute:
@@ -144,29 +146,54 @@ class SharedCompute:
 
     def _reschedule(self) -> None:
         """Give every kernel (and resident) its rate for the current set; a kernel whose rate did not
-        change keeps its finish timer (its finish time did not change)."""
+        change keeps its finish timer (its finish time did not change).
+
+        A kernel slowed down keeps its timer too: when that fires early it is re-armed at the kernel's
+        end (:meth:`_on_timer`), so a kernel slowed and sped up many times (training beside a serving
+        instance that starts and stops) leaves one stale timer per speed-up, not one per change."""
         residents = self.residents
-        kinds = [k.kind for k in self.running]
+        running = self.running
         if residents:
+            kinds = [k.kind for k in running]
             kinds += residents.values()
-        rates = self._rates(kinds) if kinds else []
-        now = self.env.now
-        n = len(self.running)
-        for k, rate in zip(self.running, rates):
+        elif running:
+            kinds = [k.kind for k in running]
+        else:
+            return
+        rates = self._rates(kinds)
+        env = self.env
+        now = env.now
+        for k, rate in zip(running, rates):
             if rate == k.rate and k._timer is not None:
                 continue
             if not 0 < rate <= 1:
                 raise ValueError(f"interference model gave rate {rate} for '{k.kind}'; expected (0, 1]")
             k.rate = rate
-            timer = At(self.env, now + k.remaining / rate)
-            timer.callbacks.append(lambda _ev, k=k, t=timer: self._finish(k, t))
-            k._timer = timer
-        for resident, rate in zip(list(residents), rates[n:]):
-            resident.set_rate(self.index, rate)
+            k.end_s = end = now + k.remaining / rate
+            if k._timer is None or k._timer_at > end:   # none, or it would fire late: arm one at the end
+                self._arm(k, end)
+        if residents:
+            n = len(running)
+            index = self.index
+            for resident, rate in zip(list(residents), rates[n:]):
+                resident.set_rate(index, rate)
 
-    def _finish(self, kernel: Kernel, timer) -> None:
-        if kernel._timer is not timer or kernel not in self.running:
-            return  # superseded by a reschedule
+    def _on_timer(self, timer) -> None:
+        kernel = timer._value
+        if kernel._timer is not timer:
+            return  # superseded: a speed-up armed an earlier timer, or the kernel was cancelled
+        end = kernel.end_s
+        if end > self.env.now:   # the kernel was slowed after this timer was armed: wait for its end
+            self._arm(kernel, end)
+            return
+        self._finish(kernel)
+
+    def _arm(self, kernel: Kernel, at: float) -> None:
+        timer = At(self.env, at, kernel)
+        timer.callbacks.append(self._on_timer)
+        kernel._timer, kernel._timer_at = timer, at
+
+    def _finish(self, kernel: Kernel) -> None:
         self._charge()
         self.running.remove(kernel)
         kernel.remaining = 0.0

@@ -34,7 +34,7 @@ class SequencePool:
     def add(self, task: TrainTask) -> None:
         self.items.append([task, task.micro_batch, task.micro_batch])
         self.available += task.micro_batch
-        for w in list(self.waiters):
+        for w in self.waiters:
             w.wake()
 
     def counters(self) -> dict:
