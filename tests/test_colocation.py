@@ -150,8 +150,7 @@ def test_no_gpu_ever_exceeds_its_memory(policy, gpu, model, micro_batch, seq_len
     (["policy=isolated", "cluster=h100x8", "training.schedule=zigzag"], r"training.schedule 'zigzag' is unknown"),
     (["policy=harli", "cluster=h100x8", "training.activation_checkpointing=true"],
      r"activation_checkpointing=true is not modelled for LoRA"),
-    (["policy=lemix", "cluster=h100x8", "training=lora"], r"policy 'lemix' trains full parameters .* use training=full"),
-    (["policy=harli", "cluster=h100x8", "training=full"], r"policy 'harli' trains LoRA adapters .* use training=lora"),
+    (["policy=harli", "cluster=h100x8", "training=full"], r"policy 'harli' finetunes LoRA adapters .* use training=lora"),
     (["policy=lemix", "cluster=h100x8", "training.learning_curve.final_loss=3"], r"training.learning_curve"),
 ])
 def test_bad_configs_are_refused_with_the_key_to_change(overrides, match):

@@ -17,7 +17,8 @@ DATA_KEYS = ("kind", "backlog", "rate_tps", "share", "job_rate_per_s", "job_task
 CURVE_KEYS = ("kind", "initial_loss", "final_loss", "steps_scale", "exponent", "path")
 FULL_KEYS = ("stages", "micro_batch", "seq_len", "global_batch", "schedule", "max_inflight",
              "state_bytes_per_param", "activation_checkpointing")
-LORA_KEYS = ("rank", "micro_batch", "seq_len", "global_batch", "activation_checkpointing")
+LORA_KEYS = ("rank", "micro_batch", "seq_len", "global_batch", "activation_checkpointing", "stages", "schedule",
+             "max_inflight")
 TRAINING_KEYS = ("kind", "data", "learning_curve", *FULL_KEYS, *LORA_KEYS)
 TRAINING_KINDS = ("full", "lora", "none")
 #: training.data.kind (what each means: simcolo/training/data.py)
@@ -99,6 +100,13 @@ class LearningCurveConfig:
         raise ConfigError(f"{g.key('kind')} '{kind}' is unknown; expected power or table")
 
 
+def _schedule(g: Group) -> str:
+    schedule = g.raw("schedule")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"{g.key('schedule')} '{schedule}' is unknown; expected one of {sorted(SCHEDULES)}")
+    return schedule
+
+
 @dataclass(frozen=True)
 class FullTraining:
     """Full-parameter training of the served model, pipeline-parallel (``training: full``; policies isolated,
@@ -124,9 +132,7 @@ class FullTraining:
     def from_cfg(cls, node: Mapping[str, Any], key_prefix: str = "training") -> "FullTraining":
         g = Group(node, key_prefix)
         g.check_known(TRAINING_KEYS)
-        schedule = g.raw("schedule")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"{g.key('schedule')} '{schedule}' is unknown; expected one of {sorted(SCHEDULES)}")
+        schedule = _schedule(g)
         return cls(stages=g.int("stages", min=1), micro_batch=g.int("micro_batch", min=1),
                    seq_len=g.int("seq_len", min=1), global_batch=g.int("global_batch", min=1), schedule=schedule,
                    max_inflight=g.int("max_inflight", min=1),
@@ -138,8 +144,11 @@ class FullTraining:
 
 @dataclass(frozen=True)
 class LoraFinetune:
-    """LoRA finetuning jobs on the decode GPUs (``training: lora``; policies harli, static_share, flexllm): the
-    whole model with rank-``rank`` adapters; a task is ``micro_batch`` sequences of ``seq_len`` tokens.
+    """LoRA finetuning (``training: lora``): the whole model with rank-``rank`` adapters, frozen base weights;
+    a task is ``micro_batch`` sequences of ``seq_len`` tokens. On the decode GPUs of a finetune layout
+    (harli, static_share, flexllm) the whole model trains on one GPU; on the pipeline layouts (isolated,
+    mix_rr, mix_luf, mix_random, lemix) the same job runs as a pipeline of ``stages`` GPUs with
+    ``schedule`` and ``max_inflight`` as for full training, so every co-location policy can run it.
     Activation checkpointing is not modelled for LoRA (``activation_checkpointing=true`` is refused)."""
 
     kind: ClassVar[str] = "lora"
@@ -149,6 +158,9 @@ class LoraFinetune:
     global_batch: int                 # micro-batches per adapter optimizer step
     data: TrainingData
     learning_curve: LearningCurveConfig
+    stages: int = 1                   # pipeline layouts: stages (GPUs) per replica
+    schedule: str = "1f1b"            # isolated's synchronous schedule
+    max_inflight: int = 1             # co-located pipelines: tasks in a node's pipeline at once
 
     @property
     def activation_checkpointing(self) -> bool:
@@ -166,10 +178,18 @@ class LoraFinetune:
         if "activation_checkpointing" in g.node and g.bool("activation_checkpointing"):
             raise ConfigError(f"{g.key('activation_checkpointing')}=true is not modelled for LoRA finetuning "
                               "(policies harli, static_share, flexllm); set it to false")
+        pipeline = {}
+        if "stages" in g.node:
+            pipeline["stages"] = g.int("stages", min=1)
+        if "schedule" in g.node:
+            pipeline["schedule"] = _schedule(g)
+        if "max_inflight" in g.node:
+            pipeline["max_inflight"] = g.int("max_inflight", min=1)
         return cls(rank=g.int("rank", min=1), micro_batch=g.int("micro_batch", min=1),
                    seq_len=g.int("seq_len", min=1), global_batch=g.int("global_batch", min=1),
                    data=TrainingData.from_cfg(g.raw("data"), g.key("data")),
-                   learning_curve=LearningCurveConfig.from_cfg(g.raw("learning_curve"), g.key("learning_curve")))
+                   learning_curve=LearningCurveConfig.from_cfg(g.raw("learning_curve"), g.key("learning_curve")),
+                   **pipeline)
 
 
 Training = FullTraining | LoraFinetune

@@ -39,7 +39,7 @@ from simcolo.layout.predictor import TablePredictor, TrainingShape
 from simcolo.paths import TABLES_DIR, resolve_path
 from simcolo.serving.kv_memory import KVBudget
 from simcolo.serving.system import ServingLayout
-from simcolo.training.memory import StageMemory, full_training_stage_memory, lora_memory
+from simcolo.training.memory import StageMemory, full_training_stage_memory, lora_memory, lora_stage_memory
 
 LAYOUTS = ("serving", "isolated", "pipelines", "finetune")
 #: The training shape a layout's predictor assumes when nothing trains (conf/training/none.yaml).
@@ -152,11 +152,10 @@ def plan_layout(run: RunConfig, policy, topology: Topology) -> LayoutPlan:
         raise ConfigError(f"policy '{policy.name}' only routes requests; training={training.kind} needs a "
                           f"co-location policy: isolated, mix_rr, mix_luf, mix_random, lemix (full) or harli, "
                           f"static_share, flexllm (lora)")
-    wanted = "lora" if kind == "finetune" else "full"
-    if training is not None and training.kind != wanted:
-        raise ConfigError(f"policy '{policy.name}' trains {'LoRA adapters' if wanted == 'lora' else 'full parameters'}"
-                          f" ({kind} layout) but training.kind is '{training.kind}': use training={wanted} "
-                          f"(or training=none to serve alone on this layout)")
+    if kind == "finetune" and training is not None and training.kind != "lora":
+        raise ConfigError(f"policy '{policy.name}' finetunes LoRA adapters on decode GPUs (finetune layout) but "
+                          f"training.kind is '{training.kind}': use training=lora (full-parameter training of the "
+                          f"model does not fit beside a decode instance), or training=none to serve alone")
     return {"serving": _serving, "isolated": _isolated, "pipelines": _pipelines, "finetune": _finetune}[kind](
         run, policy, topology)
 
@@ -175,7 +174,7 @@ def _shape(training) -> TrainingShape:
     if training is None:
         return NO_TRAINING
     return TrainingShape(training.micro_batch, training.seq_len, getattr(training, "rank", NO_TRAINING.rank),
-                         training.activation_checkpointing)
+                         training.activation_checkpointing, training.kind)
 
 
 def _predictor(run: RunConfig, cost: CostModel, interference: InterferenceTable, block_bytes: float = 0.0,
@@ -183,7 +182,7 @@ def _predictor(run: RunConfig, cost: CostModel, interference: InterferenceTable,
     """``training_tables``: False for serving alone (a calibration may have no training tables)."""
     tc = TrainingCosts.load(training_table_dir(run)) if training_tables else None
     return TablePredictor(cost, tc, interference, _shape(run.training), run.slo.ttft_s, run.slo.tpot_s, block_bytes,
-                          lora_activation_bytes)
+                          lora_activation_bytes, run.model)
 
 
 def _check_gpu_count(need: int, what: str, have: int, has: str) -> None:
@@ -245,6 +244,8 @@ def _per_token(cost: CostModel) -> float:
 
 def _stage_memory(run: RunConfig, S: int) -> list[StageMemory]:
     t = run.training
+    if t.kind == "lora":
+        return [lora_stage_memory(run.model, S, s, t.rank, t.micro_batch, t.seq_len) for s in range(S)]
     return [full_training_stage_memory(run.model, S, s, t.micro_batch, t.seq_len, t.state_bytes_per_param,
                                        t.activation_checkpointing) for s in range(S)]
 
@@ -319,11 +320,11 @@ def _isolated(run: RunConfig, policy, topology: Topology) -> LayoutPlan:
     link = max((_activation_link_s(run, topology, g[0], g[1]) if len(g) > 1 else 0.0) for g in groups)
     if dp > 1:
         bw = min(topology.link(groups[0][0], g[0]).bandwidth_bytes_per_s for g in groups[1:])
-        allreduce = 2 * (dp - 1) / dp * max(m.weights_bytes for m in mem) / bw
+        allreduce = 2 * (dp - 1) / dp * max(m.gradient_bytes for m in mem) / bw
     else:
         allreduce = 0.0
     link0 = topology.link(groups[0][0], 0)
-    sync_s = link0.latency_s + len(instances) * run.model.weight_bytes / link0.bandwidth_bytes_per_s
+    sync_s = link0.latency_s + len(instances) * sum(m.trained_bytes for m in mem) / link0.bandwidth_bytes_per_s
     trainer = IsolatedTrainingPlan(
         tuple(tuple(g) for g in groups), t.schedule, tuple(pred.task_forward_s(S)), tuple(pred.task_backward_s(S)),
         tuple(pred.stage_costs(S, "optimizer")), tuple(m.activation_bytes for m in mem), link, allreduce, M,

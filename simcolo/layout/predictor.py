@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from simcolo.training.memory import stage_layer_count, stage_matmul_fraction
+
 
 @dataclass(frozen=True)
 class TrainingShape:
@@ -16,12 +18,16 @@ class TrainingShape:
     seq_len: int
     rank: int                 # LoRA rank (finetuning)
     checkpointing: bool       # activation checkpointing: a backward recomputes its forward
+    job: str = "full"         # full | lora: what a pipeline stage's task runs (``stage_costs``)
 
 
 class TablePredictor:
     def __init__(self, cost, training_costs, interference, shape: TrainingShape, ttft_slo_s: float,
-                 tpot_slo_s: float, block_bytes: float = 0.0, lora_activation_bytes: float | None = None):
+                 tpot_slo_s: float, block_bytes: float = 0.0, lora_activation_bytes: float | None = None,
+                 model=None):
         self.cost, self.tc, self.interference = cost, training_costs, interference
+        self.job = shape.job
+        self.model = model        # a ModelSpec: how a LoRA step splits over pipeline stages
         self.ttft_slo_s, self.tpot_slo_s = ttft_slo_s, tpot_slo_s
         self.block_bytes = block_bytes
         self.micro_batch = shape.micro_batch
@@ -36,15 +42,27 @@ class TablePredictor:
     # ---------------------------------------------------------------- pipelines (full training)
     def stage_costs(self, num_stages: int, phase: str) -> list[float]:
         """Per-stage solo seconds of one task's ``phase``; with activation checkpointing a backward
-        recomputes its forward first."""
+        recomputes its forward first. Full training: the ``train_stage`` table. LoRA: the whole model's
+        ``lora_step`` time split over the stages by their share of the matrix-multiply work
+        (``training.memory.stage_matmul_fraction``; the adapter optimizer by their share of the layers)."""
         key = (num_stages, phase)
         v = self._stage_cache.get(key)
+        if v is None and self.job == "lora":
+            v = self._stage_cache[key] = self._lora_stage_costs(num_stages, phase)
         if v is None:
             v = [self.tc.stage_s(num_stages, s, phase, self.micro_batch, self.seq_len) for s in range(num_stages)]
             if phase == "backward" and self.checkpointing:
                 v = [b + f for b, f in zip(v, self.stage_costs(num_stages, "forward"))]
             self._stage_cache[key] = v
         return v
+
+    def _lora_stage_costs(self, num_stages: int, phase: str) -> list[float]:
+        m = self.model
+        if phase == "optimizer":
+            whole = self.lora_optimizer_s()
+            return [whole * stage_layer_count(m, num_stages, s) / m.num_layers for s in range(num_stages)]
+        whole = self.tc.lora_s(self.rank, phase, self.micro_batch, self.seq_len)
+        return [whole * stage_matmul_fraction(m, num_stages, s) for s in range(num_stages)]
 
     def task_forward_s(self, num_stages: int) -> list[float]:
         return self.stage_costs(num_stages, "forward")

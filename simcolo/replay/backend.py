@@ -87,6 +87,10 @@ def check_live(run, policy) -> None:
     if t is not None and t.activation_checkpointing:
         raise ConfigError("training.activation_checkpointing=true is not run live yet; set it to false "
                           "(in the simulation too, so that both run the same work)")
+    if t is not None and t.kind == "lora" and policy.layout in ("isolated", "pipelines"):
+        raise ConfigError(f"training=lora with policy={policy.name}: LoRA finetuning as a pipeline is simulated "
+                          f"only; the live replay finetunes LoRA on decode GPUs (policy=harli, static_share or "
+                          f"flexllm) and trains full parameters on pipelines (training=full)")
     n = run.cluster.num_gpus
     if policy.layout == "isolated" and t is not None and (run.node_stages != 1 or policy.serving_gpus != n - 1):
         raise ConfigError(f"policy.serving_gpus={policy.serving_gpus}, training.stages={run.node_stages} with {n} "

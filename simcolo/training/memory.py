@@ -41,6 +41,8 @@ class StageMemory:
     weights_bytes: float       # the stage's weights (shared with a co-located serving replica)
     state_bytes: float         # gradients + optimizer state (+ master copy), beyond the weights
     activation_bytes: float    # held by one micro-batch from its forward to its backward
+    gradient_bytes: float      # what a data-parallel all-reduce sums (bf16 gradients of what trains)
+    trained_bytes: float       # what a weight sync sends to serving (the bf16 parameters that train)
 
 
 def full_training_stage_memory(model: ModelSpec, num_stages: int, stage: int, micro_batch: int, seq_len: int,
@@ -64,14 +66,40 @@ def full_training_stage_memory(model: ModelSpec, num_stages: int, stage: int, mi
         logit_tokens = tokens
     if stage == num_stages - 1:
         act += 2 * 4 * logit_tokens * model.vocab_size
-    return StageMemory(weights, max(0.0, params * state_bytes_per_param - weights), float(act))
+    return StageMemory(weights, max(0.0, params * state_bytes_per_param - weights), float(act), weights, weights)
+
+
+def lora_stage_memory(model: ModelSpec, num_stages: int, stage: int, rank: int, micro_batch: int,
+                      seq_len: int) -> StageMemory:
+    """LoRA finetuning as pipeline stage ``stage`` of ``num_stages``: the stage's frozen bf16 weights, its
+    layers' adapters with their optimizer state (12 bytes per adapter parameter, as :func:`lora_memory`),
+    and one micro-batch's activations as in full training without checkpointing (back-propagating to the
+    adapters needs the base's activations too). All-reduce and weight sync move the adapters only."""
+    full = full_training_stage_memory(model, num_stages, stage, micro_batch, seq_len, model.dtype_bytes)
+    adapter = stage_layer_count(model, num_stages, stage) * lora_params_per_layer(model, rank)
+    trained = adapter * model.dtype_bytes
+    return StageMemory(full.weights_bytes, adapter * 12.0, full.activation_bytes, trained, trained)
+
+
+def stage_matmul_fraction(model: ModelSpec, num_stages: int, stage: int) -> float:
+    """The share of the model's matrix-multiply work per token that ``stage`` does: its layers, and the LM
+    head on the last stage (the embedding is a lookup). How LoRA's whole-model step time is split over a
+    pipeline's stages (:meth:`simcolo.layout.predictor.TablePredictor.stage_costs`)."""
+    def work(s: int) -> float:
+        w = stage_layer_count(model, num_stages, s) * model.layer_params
+        return w + (model.lm_head_params if s == num_stages - 1 else 0)
+    return work(stage) / sum(work(s) for s in range(num_stages))
+
+
+def lora_params_per_layer(model: ModelSpec, rank: int) -> int:
+    """Adapter parameters on q, k, v, o of one layer: rank · (in + out) per target."""
+    h, kv = model.hidden_size, model.num_kv_heads * model.head_dim
+    return rank * ((h + h) + (h + kv) + (h + kv) + (h + h))
 
 
 def lora_params(model: ModelSpec, rank: int) -> int:
-    """Adapter parameters on q, k, v, o of every layer: rank · (in + out) per target."""
-    h, kv = model.hidden_size, model.num_kv_heads * model.head_dim
-    per_layer = rank * ((h + h) + (h + kv) + (h + kv) + (h + h))
-    return model.num_layers * per_layer
+    """Adapter parameters on q, k, v, o of every layer."""
+    return model.num_layers * lora_params_per_layer(model, rank)
 
 
 def lora_memory(model: ModelSpec, rank: int, micro_batch: int, seq_len: int) -> tuple[float, float]:
