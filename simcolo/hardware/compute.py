@@ -118,11 +118,15 @@ class SharedCompute:
             return [f / n] * n + [1.0 - f] * (len(kinds) - n)
         return self.interference.rates(kinds, self.sm_share)
 
-    def add_training_busy(self, seconds: float) -> None:
+    def add_training_busy(self, seconds: float, times: int = 1) -> None:
         """Count ``seconds`` of training kernels a closed-form trainer ran on this GPU without them (it
-        is the GPU's only user, so they are busy time on both clocks)."""
-        self.busy_s += seconds
-        self.train_busy_s += seconds
+        is the GPU's only user, so they are busy time on both clocks), ``times`` times over: one addition
+        after another, so that the clocks round exactly as they would kernel by kernel."""
+        busy, train = self.busy_s, self.train_busy_s
+        for _ in range(times):
+            busy += seconds
+            train += seconds
+        self.busy_s, self.train_busy_s = busy, train
 
     def busy_at(self, now: float) -> float:
         """Busy seconds up to ``now`` (a pure query: counts the interval since the last change)."""

@@ -105,14 +105,18 @@ class SyncTrainer:
         A backlog's tasks are recycled: counted as done and replaced, and the same objects queued again."""
         start, ends, tasks, n = self._span
         per, tpl = self.tasks_per_step, self.template
+        # Step by step, so that a span adds up exactly as single steps do: each clock gets the same
+        # additions in the same order (the clocks are independent, so they are summed one after another).
+        for gpus in self.replicas:
+            for s, g in enumerate(gpus):
+                g.compute.add_training_busy(tpl.gpu_busy_s[s], k)
         stage_busy, stage_span = sum(tpl.busy_s), len(tpl.busy_s) * tpl.compute_end_s
-        for _ in range(k):   # step by step, so that a span adds up exactly as single steps do
-            for gpus in self.replicas:
-                for s, g in enumerate(gpus):
-                    g.compute.add_training_busy(tpl.gpu_busy_s[s])
-                self.stage_busy_s += stage_busy
-                self.stage_span_s += stage_span
+        for _ in range(k * len(self.replicas)):
+            self.stage_busy_s += stage_busy
+            self.stage_span_s += stage_span
         recycled = self.recycle is not None
+        if recycled and k:
+            self.recycle(per * k)     # done, and replaced by tasks equal to them
         for i in range(k):
             step_tasks = tasks if recycled else tasks[i * per:(i + 1) * per]
             if i == 0 or not recycled:
@@ -121,9 +125,7 @@ class SyncTrainer:
             self.sequences_done += sequences
             self.tokens_done += tokens
             self.version += 1
-            if recycled:
-                self.recycle(per)     # done, and replaced by tasks equal to them
-            else:
+            if not recycled:
                 for t in step_tasks:
                     t.finish_s = ends[i]
                     self.on_task_done(t)
