@@ -39,7 +39,7 @@ class TablePredictor:
         self._lora_act_per_seq = lora_activation_bytes   # one sequence of seq_len tokens
         self._sd: dict[float | None, tuple[float, float]] = {}
 
-    # ---------------------------------------------------------------- pipelines (full training)
+    # ---------------------------------------------------------------- pipelines (full training or LoRA)
     def stage_costs(self, num_stages: int, phase: str) -> list[float]:
         """Per-stage solo seconds of one task's ``phase``; with activation checkpointing a backward
         recomputes its forward first. Full training: the ``train_stage`` table. LoRA: the whole model's
