@@ -164,6 +164,7 @@ def test_smooth_max_closed_form():
     assert smooth_max(3.0, 4.0, 1.0) == pytest.approx(7.0)
     assert smooth_max(0.0, 4.0, 1.4) == 4.0 and smooth_max(4.0, 0.0, 1.4) == 4.0
     assert smooth_max(3.0, 4.0, 200.0) == pytest.approx(4.0, rel=1e-3)
+    assert smooth_max(3e-5, 4e-5, 1000.0) == pytest.approx(4e-5)     # sharp limit of tiny times: no underflow
 
 
 def test_gemms_bend_through_the_ridge():

@@ -175,8 +175,8 @@ def smooth_max(compute_s: float, memory_s: float, sharpness: float) -> float:
         return memory_s
     if memory_s <= 0.0:
         return compute_s
-    n = sharpness
-    return (compute_s ** n + memory_s ** n) ** (1.0 / n)
+    hi, lo = (compute_s, memory_s) if compute_s >= memory_s else (memory_s, compute_s)
+    return hi * (1.0 + (lo / hi) ** sharpness) ** (1.0 / sharpness)   # scaled: no underflow for large n
 
 
 @dataclass(frozen=True)
