@@ -5,11 +5,12 @@ run every policy at several points of the interference dial (``costs.interferenc
 ``simcolo -m +sweep=compare costs.interference_scale=optimistic,default,pessimistic``). This module ranks
 the policies on the main metrics at each point and says whether the ranking is the same at every one.
 
-Runs are grouped by *context*: their overrides other than ``policy=...`` and
+Runs are grouped by *context*: the overrides that differ between runs other than ``policy=...`` and
 ``costs.interference_scale=...`` (a sweep over models or rates is ranked per model and rate). Within a
-context and a metric, policies are ranked best first; values within :data:`TIE_REL` of each other are
-ties (``a = b > c``), so that noise-free equal results (e.g. two policies that both meet every SLO) do not
-count as a change.
+context and a metric, policies are ranked best first; a value within :data:`TIE_REL` of the best value of
+its group ties with it (``a = b > c``), so that results that differ by less than the simulation's
+resolution of a policy question (two policies that both meet every SLO, goodputs 0.2 % apart) do not
+count as a change of the answer.
 """
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ import math
 
 import pandas as pd
 
-#: (summary key, higher is better) of the metrics whose ranking is checked: SLO attainment, goodput and
-#: training work in a job-neutral unit (FLOP/s; a LoRA token is cheaper than a full-parameter token).
+#: (summary key, higher is better) of the metrics whose ranking is checked: SLO attainment, goodput, the
+#: latency tails interference moves first, and training work in a job-neutral unit (FLOP/s; a LoRA token
+#: is cheaper than a full-parameter token).
 RANKING_KEYS: tuple[tuple[str, bool], ...] = (("slo_attainment", True), ("goodput_rps", True),
+                                              ("ttft_p99_s", False), ("tpot_p99_s", False),
                                               ("train_flops_per_s", True))
-#: relative difference below which two values rank as a tie
-TIE_REL = 1e-3
+#: relative difference below which two values rank as a tie (1 %)
+TIE_REL = 0.01
 SCALE_KEY = "cost_interference_scale"
 _SCALE_OVERRIDE = "costs.interference_scale="
 
@@ -34,23 +37,26 @@ def _scale_name(scale: float) -> str:
     return f"{scale:g} ({name})" if name else f"{scale:g}"
 
 
-def _context(overrides: str) -> str:
-    return " ".join(o for o in str(overrides).split()
-                    if not o.startswith(_SCALE_OVERRIDE) and not o.startswith("policy=")) or "-"
+def _contexts(overrides: pd.Series) -> pd.Series:
+    """Each run's overrides that not every run shares, without the policy and the interference scale."""
+    lists = [str(o).split() for o in overrides]
+    common = set.intersection(*(set(x) for x in lists)) if lists else set()
+    return pd.Series([" ".join(o for o in x if o not in common and not o.startswith(_SCALE_OVERRIDE)
+                               and not o.startswith("policy=")) or "-" for x in lists], index=overrides.index)
 
 
 def _ranking(values: dict[str, float], higher_better: bool) -> str:
     """``a > b = c`` (best first; ties within :data:`TIE_REL`); runs without a value are left out."""
     items = sorted(((v, p) for p, v in values.items() if not math.isnan(v)), key=lambda t: (-t[0] if higher_better
                                                                                           else t[0], t[1]))
-    out, prev = "", None
+    out, lead = "", None      # lead: the first (best) value of the current group of ties
     for v, p in items:
-        if prev is None:
-            out = p
+        if lead is None:
+            out, lead = p, v
+        elif abs(v - lead) <= TIE_REL * max(abs(v), abs(lead), 1e-300):
+            out += " = " + p
         else:
-            tie = abs(v - prev) <= TIE_REL * max(abs(v), abs(prev), 1e-300)
-            out += (" = " if tie else " > ") + p
-        prev = v
+            out, lead = out + " > " + p, v
     return out
 
 
@@ -72,7 +78,7 @@ def ranking_across_interference(df: pd.DataFrame) -> pd.DataFrame | None:
     if scales.nunique() < 2:
         return None
     order = sorted(scales.unique())
-    contexts = df["overrides"].map(_context) if "overrides" in df.columns else pd.Series("-", index=df.index)
+    contexts = _contexts(df["overrides"]) if "overrides" in df.columns else pd.Series("-", index=df.index)
     rows = []
     for ctx in dict.fromkeys(contexts):
         in_ctx = contexts == ctx
