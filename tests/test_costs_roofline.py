@@ -235,3 +235,11 @@ def test_training_overhead_param_reaches_the_tables(tmp_path):
     assert tc.lora_s(8, "optimizer", 1, 128) == pytest.approx(0.002, rel=0.01)   # tiny: overhead only
     with pytest.raises(ConfigError, match="train_phase_overhead_s"):
         train_roof(train_phase_overhead_s=-1.0)
+
+
+def test_cli_check_prints_the_distance_to_the_measurements(capsys):
+    assert main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert "27 of 27 within +-20 %" in out and "Vidur h100 Llama-2-7b-hf mlp.csv" in out
+    assert main(["--check", "--param", "gemm_efficiency=0.5"]) == 0      # a worse parameter shows
+    assert "27 of 27" not in capsys.readouterr().out
