@@ -54,6 +54,8 @@ def test_a_ranking_that_changes_is_named_and_reported(tmp_path):
     assert runs / RANKING_FILE in paths
     md = (runs / "comparison.md").read_text()
     assert "## Ranking across the interference range" in md and "| **no** |" in md
+    html = (runs / "report.html").read_text()
+    assert 'id="ranking"' in html and "lemix &gt; harli" in html and "<b>no</b>" in html
 
 
 def test_ties_are_not_changes_and_one_scale_has_no_ranking(tmp_path):

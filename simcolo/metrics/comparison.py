@@ -401,7 +401,7 @@ def _write_report(df: pd.DataFrame, root: Path, plots: bool) -> list[Path]:
                 paths.append(path)
                 drawn.append(Plot(title, how, png=path.read_bytes()))
     html_path = root / "report.html"
-    write_html(html_path, render(df, table, drawn, format_metric, files=[p.name for p in paths]))
+    write_html(html_path, render(df, table, drawn, format_metric, files=[p.name for p in paths], ranking=ranking))
     paths.append(html_path)
     return paths
 
