@@ -50,6 +50,7 @@ def test_the_main_job_loads_as_documented():
     assert r.serving.batching == BatchingConfig(256, 8192, 16, False, 0.01, True)
     assert (r.slo.ttft_s, r.slo.tpot_s) == (1.0, 0.1)
     assert (r.costs.path, r.costs.tables_root, r.costs.interference) == (None, None, "table")
+    assert (r.costs.interference_scale, r.costs.interference_scale_name) == (1.0, "default")
     assert r.training is None and r.training_kind == "none"
     assert (r.metrics.timeline_interval_s, r.metrics.plots, r.metrics.quiet) == (5.0, True, False)
     assert r.sim.max_time_s is None
@@ -206,6 +207,9 @@ BAD = [
     (["model=qwen2.5-7b"], "config", r"^serving\.max_batched_tokens=8192 is smaller than the model's max_context_len"),
     (["slo.tpot_s=-0.1"], "config", r"^slo\.tpot_s must be > 0, got -0\.1$"),
     (["costs.interference=measured"], "config", r"^costs\.interference 'measured' is unknown; expected table or none$"),
+    (["costs.interference_scale=huge"], "config",
+     r"^costs\.interference_scale 'huge' is unknown; expected a number >= 0 or one of: optimistic, default, pessimistic$"),
+    (["costs.interference_scale=-1"], "config", r"^costs\.interference_scale must be >= 0, got -1$"),
     (["metrics.timeline_interval_s=0"], "config", r"^metrics\.timeline_interval_s must be > 0, got 0$"),
     (["sim.max_time_s=-5"], "config", r"^sim\.max_time_s must be > 0 or null, got -5$"),
     (["policy.name=nope"], "config", r"^policy\.name 'nope' is unknown"),

@@ -348,3 +348,33 @@ def test_too_few_points_for_a_grid_is_named(tiny):
     with pytest.raises(TableError, match=r"lora_step\.csv: rank=8, phase=\w+: the points present .* hold no "
                                          r"full grid with at least 2 values"):
         TrainingCosts.load(tiny)
+
+
+# ------------------------------------------------------------------------------ the interference dial
+def test_the_interference_dial_scales_each_slowdowns_extra_time(it):
+    assert it.scaled(1.0) is it                      # scale 1 is the default table itself, bit for bit
+    for share in (None, 0.2, 0.5):
+        a, b = it.slowdown("decode", "lora", share)
+        a2, b2 = it.scaled(2.0).slowdown("decode", "lora", share)
+        assert (a2, b2) == pytest.approx((1 + 2 * (a - 1), 1 + 2 * (b - 1)))
+        assert it.scaled(0.5).slowdown("decode", "lora", share) == pytest.approx((1 + (a - 1) / 2, 1 + (b - 1) / 2))
+        assert it.scaled(0.0).slowdown("decode", "lora", share) == (1.0, 1.0)
+    assert it.scaled(2.0).scaled(1.0).slowdown("decode", "train", None) == it.slowdown("decode", "train", None)
+    with pytest.raises(ValueError, match="interference scale"):
+        it.scaled(-1.0)
+
+
+def test_the_dial_reaches_the_run_from_the_config():
+    from simcolo.config.compose import load_config
+    from simcolo.config.run import RunConfig
+    from simcolo.layout.plan import _interference
+    from simcolo.costs import cost_model_for
+
+    cost = cost_model_for("h100-sxm", "llama3-8b", 1)
+    default = _interference(RunConfig.from_cfg(load_config([])), cost)
+    one = _interference(RunConfig.from_cfg(load_config(["costs.interference_scale=1"])), cost)
+    worse = _interference(RunConfig.from_cfg(load_config(["costs.interference_scale=pessimistic"])), cost)
+    assert default.scale == one.scale == 1.0 and worse.scale == 2.0
+    assert one.slowdown("decode", "train", None) == default.slowdown("decode", "train", None)
+    sa = default.slowdown("decode", "train", None)[0]
+    assert worse.slowdown("decode", "train", None)[0] == pytest.approx(2 * sa - 1)

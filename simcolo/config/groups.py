@@ -49,6 +49,12 @@ class SloConfig:
 
 
 INTERFERENCE_MODES = ("table", "none")
+#: Named points of the interference dial (``costs.interference_scale``): each co-run slowdown ``s`` of the
+#: table becomes ``1 + scale * (s - 1)``. ``optimistic`` halves the extra time (kernel-slicing schedulers
+#: such as Tally's keep inference within 7.2 % where naive sharing costs 188.9 % at P99, Tally, ASPLOS'25);
+#: ``pessimistic`` doubles it (the roofline's streams default, ~1.8x for decode beside training, becomes
+#: ~2.6x: the tail that naive sharing reaches in Tally's measurements).
+INTERFERENCE_SCALES = {"optimistic": 0.5, "default": 1.0, "pessimistic": 2.0}
 
 
 @dataclass(frozen=True)
@@ -56,21 +62,42 @@ class CostsConfig:
     """Where the cost tables come from (``conf/costs``): ``path`` (a table directory) or ``tables_root``
     (a collection of ``<gpu>__<model>__tp<N>`` directories), as given (resolve them with
     ``simcolo.paths.resolve_path``); ``interference``: ``table`` (co-run slowdowns from the tables) or
-    ``none``."""
+    ``none``; ``interference_scale``: the interference dial, a number >= 0 (given as one or as a name of
+    :data:`INTERFERENCE_SCALES`); ``interference_scale_name``: the name it was given by (``default`` for 1,
+    else the number as written) -- the comparison report groups runs by it."""
 
     path: str | None
     tables_root: str | None
     interference: str
+    interference_scale: float = 1.0
+    interference_scale_name: str = "default"
 
     @classmethod
     def from_cfg(cls, node: Mapping[str, Any], key_prefix: str = "costs") -> "CostsConfig":
         g = Group(node, key_prefix)
-        g.check_known(("path", "tables_root", "interference"))
+        g.check_known(("path", "tables_root", "interference", "interference_scale"))
         mode = g.raw("interference", "table")
         if mode not in INTERFERENCE_MODES:
             raise ConfigError(f"{g.key('interference')} '{mode}' is unknown; expected table or none")
+        raw = g.raw("interference_scale", "default")
+        if isinstance(raw, str) and raw in INTERFERENCE_SCALES:
+            scale, name = INTERFERENCE_SCALES[raw], raw
+        elif isinstance(raw, str) and not _is_number(raw):
+            raise ConfigError(f"{g.key('interference_scale')} '{raw}' is unknown; expected a number >= 0 or one of: "
+                              f"{', '.join(INTERFERENCE_SCALES)}")
+        else:
+            scale = g.float("interference_scale", ge=0)
+            name = next((k for k, v in INTERFERENCE_SCALES.items() if v == scale), f"{scale:g}")
         return cls(path=g.str("path", optional=True), tables_root=g.str("tables_root", optional=True),
-                   interference=mode)
+                   interference=mode, interference_scale=scale, interference_scale_name=name)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

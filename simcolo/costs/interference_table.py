@@ -19,6 +19,9 @@ Lookup rules:
   them (the value at the smallest / largest share measured is used; no extrapolation, which could go
   below 1 or explode).
 * Slowdowns below 1 (measurement noise: co-running cannot speed a kernel up) are raised to 1.
+* The interference dial (``costs.interference_scale``, :meth:`InterferenceTable.scaled`): a table scaled by
+  ``k`` answers ``1 + k (s - 1)`` for each slowdown ``s`` it holds (after the raise to 1): ``k = 1`` is the
+  table itself (bit for bit), ``0`` no interference, ``2`` twice the extra time.
 * A table without partition rows for the kind pair (calibrated without green contexts, or a kind the
   CPU calibration does not pace) answers a share query with a :class:`TableError` saying it has no
   SM-partition measurements; likewise a kind pair or method the table lacks is a :class:`TableError`
@@ -81,13 +84,24 @@ class InterferenceTable:
     """
 
     def __init__(self, directory: Path | None, metadata: dict, method: str, pairs: dict[tuple[str, str], _Pair],
-                 partition_method: str | None = None):
+                 partition_method: str | None = None, scale: float = 1.0):
         self.directory = None if directory is None else Path(directory)
         self.metadata = metadata
         self.method = method
         self.partition_method = partition_method
+        self.scale = float(scale)
         self._pairs = pairs
         self._none = directory is None
+
+    def scaled(self, scale: float) -> "InterferenceTable":
+        """This table with every co-run slowdown ``s`` answered as ``1 + scale * (s - 1)`` (the interference
+        dial, ``costs.interference_scale``); ``scale`` 1 returns the table itself."""
+        if not (scale >= 0.0) or scale != scale or scale == float("inf"):
+            raise ValueError(f"interference scale {scale!r}; expected a finite number >= 0")
+        if scale == self.scale:
+            return self
+        return InterferenceTable(self.directory, self.metadata, self.method, self._pairs, self.partition_method,
+                                 scale)
 
     @classmethod
     def load(cls, directory: str | Path) -> "InterferenceTable":
@@ -184,7 +198,11 @@ class InterferenceTable:
                                  "streams) or measure with green contexts (CUDA) or the time share (a CPU "
                                  "calibration)")
             a, b = pair.partition(share_a)
-        return (a if a > 1.0 else 1.0), (b if b > 1.0 else 1.0)
+        a, b = (a if a > 1.0 else 1.0), (b if b > 1.0 else 1.0)
+        if self.scale != 1.0:
+            k = self.scale
+            return 1.0 + k * (a - 1.0), 1.0 + k * (b - 1.0)
+        return a, b
 
     def has_partitions(self, kind_a: str, kind_b: str) -> bool:
         """Whether SM-share queries for this pair can be answered."""
@@ -199,5 +217,6 @@ class InterferenceTable:
 
     def __repr__(self) -> str:
         where = self.directory if self.directory is not None else "no table"
-        return f"InterferenceTable(method={self.method}, {where})"
+        scale = "" if self.scale == 1.0 else f", scale={self.scale:g}"
+        return f"InterferenceTable(method={self.method}, {where}{scale})"
 

@@ -166,8 +166,11 @@ def _cost(run: RunConfig, tp: int) -> CostModel:
 
 
 def _interference(run: RunConfig, cost: CostModel) -> InterferenceTable:
-    """The interference table of the serving tables' directory (its serving shapes are at the serving tp)."""
-    return InterferenceTable.load(cost.directory) if run.costs.interference == "table" else InterferenceTable.none()
+    """The interference table of the serving tables' directory (its serving shapes are at the serving tp), scaled
+    by the interference dial ``costs.interference_scale``."""
+    if run.costs.interference != "table":
+        return InterferenceTable.none()
+    return InterferenceTable.load(cost.directory).scaled(run.costs.interference_scale)
 
 
 def _shape(training) -> TrainingShape:

@@ -4,7 +4,9 @@
 :func:`load_runs` reads their ``summary.json`` files into one table, :func:`comparison_table` turns it
 into the side-by-side view (runs as columns, metrics as rows), :func:`write_report` writes
 ``comparison.csv``, ``comparison.md``, the comparison plots and ``report.html`` (all of it in one
-self-contained page, :mod:`simcolo.metrics.report_html`) into the multirun directory, and
+self-contained page, :mod:`simcolo.metrics.report_html`) into the multirun directory -- and, when the runs
+span several points of the interference dial, whether the policies' ranking holds across them
+(``comparison_ranking.csv`` and a section of ``comparison.md``, :mod:`simcolo.metrics.ranking`) -- and
 :class:`ComparisonCallback` does that at the end of every sweep (``conf/hydra/callbacks/compare.yaml``).
 
 By hand, e.g. after a sweep that stopped on a failed job::
@@ -51,6 +53,8 @@ OPTIONAL_KEYS: tuple[str, ...] = (
 _META = ("job", "label", "overrides", "run_dir")
 #: always written (``report.html`` last: it embeds the plots)
 REPORT_FILES = ("comparison.csv", "comparison.md", "report.html")
+#: written when the runs span two or more interference scales (:mod:`simcolo.metrics.ranking`)
+RANKING_FILE = "comparison_ranking.csv"
 #: the comparison plots (with plots on); the Pareto and training plots only when some run trains
 PLOT_FILES = ("comparison_pareto.png", "comparison_latency_cdf.png", "comparison_utilization.png",
               "comparison_training.png")
@@ -367,12 +371,21 @@ _PLOTS = (
 def _write_report(df: pd.DataFrame, root: Path, plots: bool) -> list[Path]:
     from simcolo.metrics.report_html import Plot, render, write_html
 
+    from simcolo.metrics.ranking import ranking_across_interference, ranking_markdown
+
     paths = [root / "comparison.csv", root / "comparison.md"]
     table = comparison_table(df)
+    ranking = ranking_across_interference(df)
     with atomic_path(paths[0]) as tmp:
         df.to_csv(tmp, index=False)
     with atomic_path(paths[1]) as tmp:
-        tmp.write_text(_markdown(table, df))
+        tmp.write_text(_markdown(table, df) + ("" if ranking is None else "\n" + ranking_markdown(ranking)))
+    if ranking is not None:
+        with atomic_path(root / RANKING_FILE) as tmp:
+            ranking.to_csv(tmp, index=False)
+        paths.append(root / RANKING_FILE)
+    else:
+        (root / RANKING_FILE).unlink(missing_ok=True)   # an earlier report's ranking would contradict this one
     drawn: list[Plot] | None = None
     if plots:
         from simcolo.metrics import comparison_plots
@@ -388,7 +401,7 @@ def _write_report(df: pd.DataFrame, root: Path, plots: bool) -> list[Path]:
                 paths.append(path)
                 drawn.append(Plot(title, how, png=path.read_bytes()))
     html_path = root / "report.html"
-    write_html(html_path, render(df, table, drawn, format_metric, files=[p.name for p in paths]))
+    write_html(html_path, render(df, table, drawn, format_metric, files=[p.name for p in paths], ranking=ranking))
     paths.append(html_path)
     return paths
 
@@ -412,6 +425,12 @@ def _report(multirun_dir: str | Path, plots: bool, quiet: bool) -> list[Path]:
             print(format_table(table))
         else:   # a large sweep: a line per run reads better than a column per run
             print(format_table(table.T, corner="run"))
+        from simcolo.metrics.ranking import ranking_across_interference, verdict
+
+        ranking = ranking_across_interference(df)
+        if ranking is not None:
+            print("\n" + verdict(ranking))
+            print(ranking.assign(holds=ranking["holds"].map({True: "yes", False: "NO"})).to_string(index=False))
         print(f"comparison: {', '.join(str(p) for p in paths)}")
         print(f"report: {Path(multirun_dir) / 'report.html'} (self-contained: open it in a browser)")
     return paths

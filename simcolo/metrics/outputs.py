@@ -42,6 +42,7 @@ def run_summary(run, backend, sink, itl, workload) -> dict:
     summary.update({"cost_source": cost.metadata.get("source", "unknown"),
                     "cost_off_grid_queries": int(sum(n for axes in cost.off_grid.values() for n in axes.values())),
                     "cost_interference": backend.interference.method,
+                    "cost_interference_scale": backend.interference.scale,
                     "policy": run.policy_name, "model": run.model.name, "gpu": run.gpu.name, "seed": run.seed})
     return summary
 

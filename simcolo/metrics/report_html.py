@@ -217,11 +217,28 @@ def _run_section(n: int, row: pd.Series, overrides: list[str], config: str | Non
     return "".join(parts)
 
 
+def _ranking_section(ranking: pd.DataFrame) -> str:
+    from simcolo.metrics.ranking import verdict
+
+    cols = list(ranking.columns)
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    rows = []
+    for r in ranking.itertuples(index=False):
+        cells = [("yes" if v else "<b>no</b>") if c == "holds" else _e(str(v)) for c, v in zip(cols, r)]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return ('<h2 id="ranking">Ranking across the interference range</h2>'
+            f'<p class="note">{_e(verdict(ranking))} Policies best first at each <code>costs.interference_scale</code>; '
+            "values within 1 % tie (=).</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
 def render(df: pd.DataFrame, table: pd.DataFrame, plots: Sequence[Plot] | None, fmt,
-           files: Sequence[str] = ()) -> str:
+           files: Sequence[str] = (), ranking: pd.DataFrame | None = None) -> str:
     """The report's HTML. ``df``: :func:`~simcolo.metrics.comparison.load_runs`; ``table``: its
     side-by-side view; ``plots``: the comparison plots (``None``: plots were turned off); ``fmt``: the
-    cell formatter, ``fmt(metric, value) -> str``; ``files``: the other report files in the sweep directory (named, not linked)."""
+    cell formatter, ``fmt(metric, value) -> str``; ``files``: the other report files in the sweep directory (named,
+    not linked); ``ranking``: :func:`simcolo.metrics.ranking.ranking_across_interference` (None: the runs do not
+    span several interference scales)."""
     root = df.attrs.get("multirun_dir", "")
     numbers = list(range(1, len(df) + 1))
     incomplete = df.attrs.get("incomplete") or []
@@ -243,6 +260,8 @@ def render(df: pd.DataFrame, table: pd.DataFrame, plots: Sequence[Plot] | None, 
                'that has a direction (“better” column); a dash: the run has no such value (training '
                'metrics of a serving-only run).</p>')
     out.append(_comparison_table(table, numbers, fmt))
+    if ranking is not None:
+        out.append(_ranking_section(ranking))
 
     out.append('<h2 id="plots">Plots</h2>')
     if plots is None:
