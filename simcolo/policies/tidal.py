@@ -60,6 +60,9 @@ LAYOUT_OF_JOB = {"full": "pipelines", "lora": "finetune", "none": "pipelines"}
 MIN_MARGIN = 0.7
 #: a forecast rise larger than this factor is planned for as this factor (a burst is not extrapolated)
 MAX_RISE = 2.0
+#: a training task placed where its forward is predicted to take more than this x the unloaded one (plus the
+#: node's serving pressure) means training has more work than room: requests are then packed
+SATURATED = 2.0
 #: LeMix's request placement (its paper's constants, conf/policy/lemix.yaml), used while tails have headroom
 PACKING = {"alpha": 0.15, "beta": 0.05, "tau": 0.2, "defer_factor": 5.0, "memory_threshold": None, "release": "async",
            "expected_output_tokens": 256, "decode_slo_fraction": 0.5}
@@ -101,6 +104,7 @@ class Tidal(Harli):
         self.gain = 1.0              # the feedback's intensity
         self.clock = 0.0             # the latest time the policy has seen
         self.deferred = 0
+        self.saturated = False       # training waits for room (the last task was deferred or queued deep)
         self._candidates: list[tuple[float | None, float]] | None = None
         self.spread_above = g.float("spread_above", ge=0)
         self._packer = LeMix(PACKING)
@@ -158,7 +162,7 @@ class Tidal(Harli):
         self.observe_arrival(request.prompt_tokens, now)
         if self.layout != "pipelines":
             return super().route(request, instances, now)
-        if self.pressure < self.spread_above:
+        if self.saturated and self.pressure < self.spread_above:
             return self._packer.route(request, instances, now)
         pred = self.predictor
         prefill = pred.request_prefill_s(request.prompt_tokens)
@@ -184,11 +188,11 @@ class Tidal(Harli):
         self.clock = max(self.clock, now)
         k = self.intensity(now)
         best = None
-        if k > 0:
+        if k * self.defer_factor >= 1.0:
             S = nodes[0].num_stages
             fwd = predictor.task_forward_s(S)
             unloaded = sum(fwd)
-            budget = max(k * self.defer_factor, 1.0) * unloaded
+            budget = k * self.defer_factor * unloaded
             for i, node in enumerate(nodes):
                 rt, _ = predict_training(fwd, [node.stage_backlog_s(s) for s in range(S)])
                 if rt > budget:
@@ -201,7 +205,9 @@ class Tidal(Harli):
                     best = (score, i)
         if best is None:
             self.deferred += 1
+            self.saturated = True
             return None
+        self.saturated = best[0] > SATURATED
         return best[1]
 
     # ------------------------------------------------------------------ LoRA on decode GPUs
