@@ -101,6 +101,7 @@ class Tidal(Harli):
         self._tpot: deque[float] = deque(maxlen=self.window)
         self._finished = 0
         self.pressure = 0.0          # measured tail / SLO (the larger of TTFT and TPOT)
+        self.ttft_pressure = self.tpot_pressure = 0.0
         self.gain = 1.0              # the feedback's intensity
         self.clock = 0.0             # the latest time the policy has seen
         self.deferred = 0
@@ -133,8 +134,9 @@ class Tidal(Harli):
             self.update_feedback()
 
     def update_feedback(self) -> None:
-        tails = [float(np.quantile(np.fromiter(x, float), self.quantile)) for x in (self._ttft, self._tpot) if x]
-        self.pressure = max(tails, default=0.0)
+        self.ttft_pressure, self.tpot_pressure = (
+            float(np.quantile(np.fromiter(x, float), self.quantile)) if x else 0.0 for x in (self._ttft, self._tpot))
+        self.pressure = max(self.ttft_pressure, self.tpot_pressure)
         if self.pressure > self.target:
             self.gain = max(self.gain * 0.5, 0.0)
         else:
@@ -162,7 +164,7 @@ class Tidal(Harli):
         self.observe_arrival(request.prompt_tokens, now)
         if self.layout != "pipelines":
             return super().route(request, instances, now)
-        if self.saturated and self.pressure < self.spread_above:
+        if self.saturated and self.ttft_pressure < self.spread_above:
             return self._packer.route(request, instances, now)
         pred = self.predictor
         prefill = pred.request_prefill_s(request.prompt_tokens)
