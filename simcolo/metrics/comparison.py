@@ -212,7 +212,8 @@ def load_runs(multirun_dir: str | Path) -> pd.DataFrame:
 def comparison_table(df: pd.DataFrame, keys: Sequence[str] = DEFAULT_KEYS) -> pd.DataFrame:
     """Runs as columns (named by policy, or by the overrides that differ), ``keys`` as rows, in order.
 
-    Rows that are NaN for every run (training metrics of serving-only sweeps) are left out.
+    Rows that are NaN (or ``none``, the ``train_job`` of a run that does not train) for every run -- the
+    training metrics of serving-only sweeps -- are left out.
     """
     if "label" in df.columns:
         labels = list(df["label"])
@@ -224,7 +225,8 @@ def comparison_table(df: pd.DataFrame, keys: Sequence[str] = DEFAULT_KEYS) -> pd
     data = {key: (list(df[key]) if key in df.columns else [float("nan")] * len(df)) for key in keys}
     table = pd.DataFrame(data, index=pd.Index(labels, name="run")).T
     table.index.name = "metric"
-    table = table[~table.isna().all(axis=1)]
+    missing = table.isna() | (table == "none")    # train_job "none": a run that does not train
+    table = table[~missing.all(axis=1)]
     return table.infer_objects()
 
 

@@ -179,7 +179,7 @@ def training_axis(df: pd.DataFrame) -> tuple[np.ndarray, str, bool]:
     not train. Returns (values, axis label, whether they are FLOP/s)."""
     flops = _numbers(df, "train_flops_per_s")
     if not np.isnan(flops).all():
-        return np.nan_to_num(flops, nan=0.0), "training throughput (model FLOP/s, job-neutral)", True
+        return np.nan_to_num(flops, nan=0.0), "training throughput (model PFLOP/s, job-neutral)", True
     return np.nan_to_num(_numbers(df, "train_tokens_per_s"), nan=0.0), "training throughput (tokens/s)", False
 
 
@@ -227,7 +227,7 @@ def pareto(df: pd.DataFrame, path: str | Path | None = None):
         ax.axvspan(1.0, hi + margin, color="0.92", zorder=0, lw=0)
     top = float(ys.max()) if len(ys) else 0.0
     ax.set_ylim(0.0, top * 1.15 if top > 0 else 1.0)
-    ax.yaxis.set_major_formatter(FuncFormatter((lambda v, _: f"{v:.3g}") if flops else (lambda v, _: f"{v:,.0f}")))
+    ax.yaxis.set_major_formatter(FuncFormatter((lambda v, _: f"{v / 1e15:g}") if flops else (lambda v, _: f"{v:,.0f}")))
 
     if len(xs):
         front = pareto_front(xs, ys)
