@@ -60,9 +60,9 @@ LAYOUT_OF_JOB = {"full": "pipelines", "lora": "finetune", "none": "pipelines"}
 MIN_MARGIN = 0.7
 #: a forecast rise larger than this factor is planned for as this factor (a burst is not extrapolated)
 MAX_RISE = 2.0
-#: a training task placed where its forward is predicted to take more than this x the unloaded one (plus the
-#: node's serving pressure) means training has more work than room: requests are then packed
-SATURATED = 2.0
+#: a training task placed where its forward is predicted to take more than this x the unloaded one (two tasks
+#: queued ahead of it on the best node) means training has more work than room: requests are then packed
+SATURATED = 3.0
 #: LeMix's request placement (its paper's constants, conf/policy/lemix.yaml), used while tails have headroom
 PACKING = {"alpha": 0.15, "beta": 0.05, "tau": 0.2, "defer_factor": 5.0, "memory_threshold": None, "release": "async",
            "expected_output_tokens": 256, "decode_slo_fraction": 0.5}
@@ -204,12 +204,12 @@ class Tidal(Harli):
                     continue
                 score = rt / unloaded + p
                 if best is None or score < best[0]:
-                    best = (score, i)
+                    best = (score, i, rt / unloaded)
         if best is None:
             self.deferred += 1
             self.saturated = True
             return None
-        self.saturated = best[0] > SATURATED
+        self.saturated = best[2] > SATURATED
         return best[1]
 
     # ------------------------------------------------------------------ LoRA on decode GPUs
