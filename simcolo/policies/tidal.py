@@ -164,7 +164,8 @@ class Tidal(Harli):
         self.observe_arrival(request.prompt_tokens, now)
         if self.layout != "pipelines":
             return super().route(request, instances, now)
-        if self.saturated and self.ttft_pressure < self.spread_above:
+        # the TTFT tail as it will be if the load rises as forecast (queueing grows at least with the load)
+        if self.saturated and self.ttft_pressure * min(self.rise(now), MAX_RISE) < self.spread_above:
             return self._packer.route(request, instances, now)
         pred = self.predictor
         prefill = pred.request_prefill_s(request.prompt_tokens)
@@ -189,25 +190,29 @@ class Tidal(Harli):
     def place_training(self, task, nodes, predictor, now):
         self.clock = max(self.clock, now)
         k = self.intensity(now)
-        best = None
-        if k * self.defer_factor >= 1.0:
-            S = nodes[0].num_stages
-            fwd = predictor.task_forward_s(S)
-            unloaded = sum(fwd)
-            budget = k * self.defer_factor * unloaded
-            for i, node in enumerate(nodes):
-                rt, _ = predict_training(fwd, [node.stage_backlog_s(s) for s in range(S)])
-                if rt > budget:
-                    continue
-                p = self._serving_pressure(node, now)
-                if p >= 1.0:
-                    continue
-                score = rt / unloaded + p
-                if best is None or score < best[0]:
-                    best = (score, i, rt / unloaded)
+        S = nodes[0].num_stages
+        fwd = predictor.task_forward_s(S)
+        unloaded = sum(fwd)
+        budget = k * self.defer_factor * unloaded
+        best, room = None, False
+        for i, node in enumerate(nodes):
+            rt, _ = predict_training(fwd, [node.stage_backlog_s(s) for s in range(S)])
+            if rt > self.defer_factor * unloaded:
+                continue
+            p = self._serving_pressure(node, now)
+            if p >= 1.0:
+                continue
+            room = True                      # a node could take it at full intensity
+            if rt > budget:
+                continue
+            score = rt / unloaded + p
+            if best is None or score < best[0]:
+                best = (score, i, rt / unloaded)
         if best is None:
             self.deferred += 1
-            self.saturated = True
+            # deferred for want of room: training is saturated; deferred by the throttle alone (a surge is
+            # expected): requests are spread to meet it
+            self.saturated = not room
             return None
         self.saturated = best[2] > SATURATED
         return best[1]
