@@ -166,7 +166,10 @@ def test_a_surge_on_an_idle_fleet_costs_no_training():
         t += 1.0 / (4.0 + 0.3 * (t - 300.0))
     assert policy.rise(t) > 1.5           # a full surge is forecast (twice the threshold) ...
     assert policy.pressure == pytest.approx(0.1)   # (TPOT 10 ms of 100 ms: the larger tail)
-    assert policy.intensity(t) == pytest.approx(0.9)   # ... but it throttles only by the tail pressure
+    assert policy.intensity(t) == 1.0     # ... but a throttle of surge x pressure = 0.1 is under the dead band
+    for _ in range(16):
+        _finish(policy, t, 0.3)             # tails at 0.3 of the SLO: the same surge throttles by 0.3
+    assert policy.pressure == pytest.approx(0.3) and policy.intensity(t) == pytest.approx(0.7)
 
 
 def test_tails_over_the_target_halve_the_intensity_and_recover_below_it():

@@ -30,7 +30,7 @@ The training intensity in [0, 1] (1: as much training as fits) is the smaller of
   scales (``forecast_fast_s``, ``forecast_slow_s``) give a trend and a forecast ``forecast_horizon_s``
   ahead. A forecast above ``1 + surge_threshold`` x the slow baseline is a surge; its size s (0 at the
   threshold, 1 at twice it) throttles by ``s x (1 - headroom)``, headroom being 1 - the measured tail
-  pressure (below), so a rise on an idle fleet costs nothing and a rise on a loaded one defers training
+  pressure (below), ignored under ``DEAD_BAND`` (0.2), so a rise on an idle fleet costs nothing and a rise on a loaded one defers training
   before the queue builds. When the forecast falls back, the throttle is released.
 * **feedback**: the ``feedback_quantile`` of the last ``feedback_window`` finished requests' TTFT and
   TPOT, each over its SLO; the larger is the tail pressure. Above ``feedback_target`` the gain is halved
@@ -63,6 +63,9 @@ MAX_RISE = 2.0
 #: a training task placed where its forward is predicted to take more than this x the unloaded one (two tasks
 #: queued ahead of it on the best node) means training has more work than room: requests are then packed
 SATURATED = 3.0
+#: a forecast throttle smaller than this is ignored (a rise on a fleet with most of its headroom, or forecast
+#: noise): it would cost training and change nothing the SLO sees
+DEAD_BAND = 0.2
 #: LeMix's request placement (its paper's constants, conf/policy/lemix.yaml), used while tails have headroom
 PACKING = {"alpha": 0.15, "beta": 0.05, "tau": 0.2, "defer_factor": 5.0, "memory_threshold": None, "release": "async",
            "expected_output_tokens": 256, "decode_slo_fraction": 0.5}
@@ -155,7 +158,8 @@ class Tidal(Harli):
         """How much of the training that fits may run now, in [0, 1]."""
         surge = min(max((self.rise(now) - 1.0 - self.surge) / self.surge, 0.0), 1.0)
         headroom = min(max(1.0 - self.pressure, 0.0), 1.0)
-        return min(1.0 - surge * (1.0 - headroom), self.gain)
+        throttle = surge * (1.0 - headroom)
+        return min(1.0 - (throttle if throttle >= DEAD_BAND else 0.0), self.gain)
 
     # ------------------------------------------------------------------ requests
     def route(self, request, instances, now):
