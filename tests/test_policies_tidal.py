@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_sim
+
 from simcolo.policies.forecast import DecayedRate, TwoScaleForecaster
 from simcolo.policies.tidal import Tidal
 from simcolo.workload.request import Request

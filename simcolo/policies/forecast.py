@@ -21,7 +21,7 @@ import math
 class DecayedRate:
     """``S_tau(t)`` of one weighted event stream."""
 
-    __slots__ = ("tau", "_sum", "_at", "_start")
+    __slots__ = ("_at", "_start", "_sum", "tau")
 
     def __init__(self, tau_s: float):
         if not tau_s > 0:

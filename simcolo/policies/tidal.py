@@ -4,15 +4,19 @@ training ahead of a forecast rise in load and closes the loop on measured latenc
 Layouts (``policy.training_kind``, composed from ``training.kind``):
 
 * ``full`` (full-parameter training) — the **pipelines** layout of LeMix: every node of ``training.stages``
-  GPUs serves one replica and trains it as a pipeline. Requests go to the node with the most serving
-  headroom (the smallest ``max(TTFT_pred / TTFT SLO, decode_pred / TPOT SLO)``, a queue blocked behind a full
-  batch or KV cache counting one more); a training task goes to the node whose pipeline would finish its
-  forward soonest, weighted by that node's serving pressure (the opposite of LeMix's packing onto busy
-  nodes), and is deferred when every node's predicted forward exceeds ``defer_factor`` x the unloaded one
-  scaled by the training intensity (below), or every node's serving is at its SLO. Deferred tasks are
-  offered again as tasks complete *and* as requests arrive (``retry_on_arrival``), so a throttle lifts
-  without waiting for training to finish. Asynchronous release and LeMix's memory gate
-  (``release``, ``memory_threshold``).
+  GPUs serves one replica and trains it as a pipeline. A training task goes to the node whose pipeline
+  would finish its forward soonest plus that node's serving pressure (the node with the most headroom,
+  where LeMix packs onto busy nodes), and is deferred when every node's predicted forward exceeds
+  ``defer_factor`` x the unloaded one scaled by the training intensity (below), or every node's serving is
+  at its SLO. Requests are packed as LeMix packs them (its feasibility-checked score) while training lacks
+  room (a task deferred for want of room, or two tasks queued ahead of it on the best node) and the TTFT
+  tail, scaled by the forecast rise, is under ``spread_above`` of the SLO: packing leaves other nodes'
+  training unslowed. Otherwise each request goes to the node with the most serving headroom, the smallest
+  ``max(TTFT_pred / TTFT SLO, decode_pred / TPOT SLO)`` (a queue blocked behind a full batch or KV cache
+  counts one more); a task deferred by the throttle alone leaves requests spread, to meet the surge the
+  throttle expects. Deferred tasks are offered again as tasks complete *and* as requests arrive
+  (``retry_on_arrival``), so a throttle lifts without waiting for training to finish. Asynchronous release
+  and LeMix's memory gate (``release``, ``memory_threshold``).
 * ``lora`` (LoRA finetuning) — the **finetune** layout of Harli: prefill/decode disaggregated
   (``prefill_instances`` + ``decode_instances``), a finetuner on every decode GPU, one block pool with decode
   priority. Per decode iteration, Harli's two-stage predictor and search (``simcolo.policies.harli``):
@@ -30,8 +34,8 @@ The training intensity in [0, 1] (1: as much training as fits) is the smaller of
   scales (``forecast_fast_s``, ``forecast_slow_s``) give a trend and a forecast ``forecast_horizon_s``
   ahead. A forecast above ``1 + surge_threshold`` x the slow baseline is a surge; its size s (0 at the
   threshold, 1 at twice it) throttles by ``s x (1 - headroom)``, headroom being 1 - the measured tail
-  pressure (below), ignored under ``DEAD_BAND`` (0.2), so a rise on an idle fleet costs nothing and a rise on a loaded one defers training
-  before the queue builds. When the forecast falls back, the throttle is released.
+  pressure (below), ignored under ``DEAD_BAND`` (0.2), so a rise on an idle fleet costs nothing and a rise
+  on a loaded one defers training before the queue builds. When the forecast falls back, the throttle is released.
 * **feedback**: the ``feedback_quantile`` of the last ``feedback_window`` finished requests' TTFT and
   TPOT, each over its SLO; the larger is the tail pressure. Above ``feedback_target`` the gain is halved
   (every ``feedback_every`` finished requests); below it, it recovers by 0.1 (AIMD).
@@ -39,7 +43,9 @@ The training intensity in [0, 1] (1: as much training as fits) is the smaller of
 It never refuses a request: requests are always routed; only training waits.
 
 Decisions of ours: the weights of the headroom score (pressure weight 1), the AIMD steps, the surge
-ramp and the lowest intensity margin of the decode target (``min_margin``, 0.7 of the TPOT SLO).
+ramp, ``SATURATED``, ``DEAD_BAND``, ``MAX_RISE`` and the lowest margin of the decode target (``MIN_MARGIN``,
+0.7 of the TPOT SLO); the knobs' values in conf/policy/tidal.yaml were tuned once, for every grid point
+together, on the shipped roofline tables.
 """
 from __future__ import annotations
 
