@@ -103,10 +103,13 @@ class Backend:
     def on_request_arrival(self) -> None:
         if self.stream is not None:
             self.stream.on_request_arrival()
+        if self.placement is not None and self.policy.retry_on_arrival:
+            self.placement.retry()
 
     def on_request_finished(self, r) -> None:
         if r.status == "finished" and self.stream is not None:
             self.stream.on_request_finished(r.prompt_tokens + r.output_tokens)
+        self.policy.on_request_finished(r, self.now)
 
     def _on_dispatch(self, r, inst) -> None:
         self.nodes[inst.index].placed(self.now, r.prompt_tokens, False)

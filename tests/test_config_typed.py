@@ -34,6 +34,12 @@ def _yaml(path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def _policy_name(option: str) -> str:
+    """``name`` of a policy option, or of the option it builds on (``tidal_lora``: ``tidal``'s)."""
+    shipped = _yaml(CONF_DIR / "policy" / f"{option}.yaml")
+    return shipped["name"] if "name" in shipped else _policy_name(shipped["defaults"][0])
+
+
 def _fits_context(overrides) -> list[str]:
     """A prefill token budget that holds the chosen model's context (Qwen2.5: 32k; the default is 8k)."""
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "llama3-8b")
@@ -80,13 +86,13 @@ def test_every_option_of_every_group_loads(group, option, config_name):
     if group in ("gpu", "model"):
         assert getattr(r, group).name == option
     elif group == "policy":
-        assert r.policy_name == shipped["name"] == r.policy["name"]
+        assert r.policy_name == _policy_name(option) == r.policy["name"]
     elif group == "training":
         assert r.training_kind == option
     elif group == "cluster":
         assert r.cluster.num_gpus == shipped["num_nodes"] * shipped["gpus_per_node"]
     elif group == "workload":
-        assert r.workload.kind == shipped["kind"] and r.workload.overlength == "reject"
+        assert r.workload.kind == shipped["kind"] and r.workload.overlength == shipped["overlength"]
         if option in ("poisson", "gamma"):
             assert r.workload.lengths == LengthsConfig("empirical", path="traces/AzureLLMInferenceTrace_conv.csv",
                                                        format="azure")
@@ -134,7 +140,7 @@ def test_every_sweep_point_loads(sweep):
         for o in overrides[1:]:
             key, value = o.split("=")
             if key == "policy":
-                assert r.policy_name == value
+                assert r.policy_name == _policy_name(value)
             elif key == "model":
                 assert r.model.name == value
             elif key == "training.data.share":
@@ -231,7 +237,7 @@ BAD = [
      r"^workload\.cv is not a known key; known keys of workload with workload\.kind=poisson:"),
     (["workload.rate_scale=0"], "config", r"^workload\.rate_scale must be > 0, got 0$"),
     (["workload=poisson", "workload.lengths.kind=zipf"], "config",
-     r"^workload\.lengths\.kind 'zipf' is unknown; expected one of: fixed, empirical$"),
+     r"^workload\.lengths\.kind 'zipf' is unknown; expected one of: fixed, empirical, lognormal$"),
     (["training.kind=half"], "config", r"^training\.kind 'half' is unknown"),
     (["+training.lr=0.1"], "config", r"^training\.lr is not a known key"),
     (["policy=lemix", "training.micro_batch=-1"], "config", r"^training\.micro_batch must be >= 1, got -1$"),
@@ -292,6 +298,9 @@ def test_bad_values_are_refused_naming_the_key(overrides, config_name, match):
     (["policy=harli", "policy.max_micro_batch=many"], r"^policy\.max_micro_batch must be an integer, got 'many'$"),
     (["policy=static_share", "policy.decode_share=1"], r"^policy\.decode_share must be in \(0, 1\), got 1$"),
     (["policy=flexllm", "policy.decode_slo_fraction=0"], r"^policy\.decode_slo_fraction must be in \(0, 1\], got 0$"),
+    (["policy=tidal", "policy.forecast_slow_s=5"],
+     r"^policy\.forecast_slow_s=5 must be greater than policy\.forecast_fast_s=10$"),
+    (["policy=tidal", "policy.feedback_quantile=0"], r"^policy\.feedback_quantile must be in \(0, 1\], got 0$"),
 ])
 def test_each_policy_reads_its_knobs_typed(overrides, match):
     """A policy reads its own ``policy.*`` knobs (``make_policy``, before the run): each is checked like any key."""

@@ -250,14 +250,14 @@ def test_the_installed_wheel_runs_from_any_directory(tmp_path):
     # shipped trace and the shipped tables, read from the installed package
     proc = _run([bindir / "simcolo", "-m", "+sweep=compare", "workload.max_requests=50", "metrics.plots=false",
                  "hydra.sweep.dir=sweep"], work)
-    assert "comparison of 3 runs" in proc.stdout
-    for k, policy in enumerate(("isolated", "lemix", "harli")):
+    assert "comparison of 4 runs" in proc.stdout
+    for k, policy in enumerate(("isolated", "lemix", "harli", "tidal")):
         summary = json.loads((work / "sweep" / str(k) / "summary.json").read_text())
         assert (summary["num_requests"], summary["num_finished"], summary["policy"]) == (50, 50, policy)
         assert summary["workload_source"] == "azure trace traces/AzureLLMInferenceTrace_conv.csv"
         assert summary["cost_source"] == "roofline" and summary["train_tokens_per_s"] > 0
         assert len(pd.read_parquet(work / "sweep" / str(k) / "requests.parquet")) == 50
-    assert set(pd.read_csv(work / "sweep" / "comparison.csv").policy) == {"isolated", "lemix", "harli"}
+    assert set(pd.read_csv(work / "sweep" / "comparison.csv").policy) == {"isolated", "lemix", "harli", "tidal"}
 
     # a fidelity run on the user's own configs (--config-dir: a model, a workload on the user's trace, the
     # setting). A first try fails (a bad calibrate override) and leaves its new run directory, as a killed

@@ -48,7 +48,7 @@ def test_colocation_comparison_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     outputs = _execute("colocation_comparison.ipynb")
     text = _text(outputs)
-    assert "3 runs: isolated, lemix, harli" in text
+    assert "4 runs: isolated, lemix, harli, tidal" in text
     table = next(o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {}))
     assert "slo_attainment" in table and "train_tokens_per_s" in table and "harli" in table
     assert _images(outputs) == 4   # Pareto, latency CDFs, utilisation, training progress

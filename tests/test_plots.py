@@ -110,8 +110,8 @@ def test_pareto_run_numbers_never_overlap_and_stay_inside(slo, train):
     assert numbers == [1, 2, 3, 4, 5, 6]
     # the legend names each number by its short label
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend[:6] == [f"{i}  {s}" for i, s in enumerate(short_labels(_six(slo, train)), 1)]
-    assert legend[0] == "1  isolated rate_scale=1" and legend[-1] == "Pareto front"
+    assert legend[:6] == [f"{i}  {s} ({t:,} tok/s)" for i, (s, t) in enumerate(zip(short_labels(_six(slo, train)), train), 1)]
+    assert legend[0] == f"1  isolated rate_scale=1 ({train[0]:,} tok/s)" and legend[-1] == "Pareto front"
 
 
 @pytest.mark.parametrize("slo", [[1.0] * 6, [0.97, 0.98, 0.99, 1.0, 0.995, 0.96], [0.2, 0.3, 0.25, 0.5, 0.45, 0.3]])
@@ -124,6 +124,22 @@ def test_pareto_slo_axis_stays_within_what_is_possible(slo):
     assert all(0.0 <= t <= 1.0 for t in ax.get_xticks())                  # no tick past 1
     assert "better →" in ax.get_xlabel() and "better →" in ax.get_ylabel()
     assert ax.get_ylim()[0] == 0.0
+
+
+def test_pareto_compares_jobs_on_flops_with_each_jobs_tokens_beside():
+    """A LoRA token costs less than a full-parameter one: the axis is model FLOP/s, the legend keeps tokens/s."""
+    df = _six([1.0] * 6, [31_719, 64_853, 102_253, 31_000, 63_000, 101_000]).assign(
+        train_job=["full", "full", "lora"] * 2, train_flops_per_s=[1.43e15, 2.92e15, 3.08e15, 1.4e15, 2.9e15, 3.0e15])
+    fig = pareto(df)
+    ax = fig.axes[0]
+    assert "PFLOP/s" in ax.get_ylabel() and ax.get_ylim()[1] == pytest.approx(3.08e15 * 1.15)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[1] == "2  lemix rate_scale=1 (full, 64,853 tok/s)"
+    assert legend[2] == "3  harli rate_scale=1 (lora, 102,253 tok/s)"
+    # the front is on FLOP/s: at SLO 1.0 every run is beaten by harli's 3.08e15, the only point ringed
+    ringed = [c for c in ax.collections if c.get_facecolors().size == 0]
+    assert [tuple(p) for p in ringed[0].get_offsets()] == [(1.0, 3.08e15)]
+    plt.close(fig)
 
 
 def test_pareto_of_a_sweep_where_nothing_trains_is_not_drawn():

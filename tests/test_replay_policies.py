@@ -32,6 +32,8 @@ CASES = {
     # FlexLLM-style slices stretch every decode iteration to ~0.9 x the TPOT SLO: short outputs keep it quick
     "flexllm": ["policy=flexllm", *LORA, "workload.lengths.kind=fixed", "workload.lengths.prompt_tokens=64",
                 "workload.lengths.output_tokens=8"],
+    "tidal": ["policy=tidal", *FULL],
+    "tidal_lora": ["policy=tidal_lora", *LORA],
     "distserve": ["serving=distserve", "serving.prefill_instances=1", "serving.decode_instances=1"],
     "sarathi": ["serving=sarathi", "serving.max_batched_tokens=128", "serving.max_num_seqs=32"],
     "lemix_poisson_share": ["policy=lemix", *FULL, "training.data.kind=poisson", "training.data.share=0.5"],

@@ -26,7 +26,9 @@ from simcolo.metrics.comparison import format_metric
 from simcolo.paths import PROJECT_ROOT
 
 _SCRIPT = Path(sys.executable).with_name("simcolo")
-POLICIES = ("isolated", "lemix", "harli")
+POLICIES = ("isolated", "lemix", "harli", "tidal")
+#: the config option each run was launched with (+sweep=compare runs tidal on the LoRA job: policy=tidal_lora)
+OPTIONS = ("isolated", "lemix", "harli", "tidal_lora")
 RUN_PLOTS = ("gpu_timeline", "latency_cdf", "queue_length", "throughput", "training")
 COMPARISON_PLOTS = ("comparison_pareto.png", "comparison_latency_cdf.png", "comparison_utilization.png",
                     "comparison_training.png")
@@ -80,11 +82,11 @@ def test_report_holds_the_table_plots_configs_and_cost_tables(sweep):
     # the comparison plots are the very files written beside the report
     for name in COMPARISON_PLOTS:
         assert base64.b64encode((sweep / name).read_bytes()).decode() in text, name
-    for job in range(3):
+    for job in range(len(POLICIES)):
         for plot in RUN_PLOTS:
             assert base64.b64encode((sweep / str(job) / "plots" / f"{plot}.png").read_bytes()).decode() in text
 
-    summaries = [json.loads((sweep / str(j) / "summary.json").read_text()) for j in range(3)]
+    summaries = [json.loads((sweep / str(j) / "summary.json").read_text()) for j in range(len(POLICIES))]
     # the side-by-side table: the runs numbered in order, each value as the printed table shows it
     for n, policy in enumerate(POLICIES, 1):
         assert f"<th>#{n} {policy}</th>" in text
@@ -93,14 +95,14 @@ def test_report_holds_the_table_plots_configs_and_cost_tables(sweep):
         cells = re.findall(r'<td class="num(?: best)?">([^<]*)</td>', row)
         assert cells == [format_metric(key, s[key]) for s in summaries], key
     # higher training throughput is better: the best run's cell is marked
-    best = max(range(3), key=lambda j: summaries[j]["train_tokens_per_s"])
+    best = max(range(len(POLICIES)), key=lambda j: summaries[j]["train_tokens_per_s"])
     row = text.split("<tr><th><code>train_tokens_per_s</code></th>", 1)[1].split("</tr>", 1)[0]
     assert re.findall(r'<td class="num( best)?">', row)[best] == " best"
 
     # each run: its overrides, its resolved config, every summary key, its cost tables
-    for j, (policy, s) in enumerate(zip(POLICIES, summaries)):
+    for j, (policy, option, s) in enumerate(zip(POLICIES, OPTIONS, summaries)):
         section = text.split(f'<section id="run-{j + 1}">', 1)[1].split("</section>", 1)[0]
-        assert f"policy={policy}\n+sweep=compare\nworkload.max_requests=100" in section
+        assert f"policy={option}\n+sweep=compare\nworkload.max_requests=100" in section
         config = section.split("resolved config</summary><pre>", 1)[1].split("</pre>", 1)[0]
         assert f"policy:\n  name: {policy}" in config and "max_requests: 100" in config
         assert "gpus_per_node: 8" in config                    # +sweep=compare's cluster override, resolved
@@ -155,7 +157,7 @@ def test_report_loads_and_every_image_decodes_in_headless_chromium(sweep, tmp_pa
     images = json.loads(found.group(1).replace("&quot;", '"'))
     assert len(images) == len(COMPARISON_PLOTS) + len(POLICIES) * len(RUN_PLOTS)
     assert all(complete and width > 200 and height > 100 for complete, width, height in images), images
-    assert "simcolo sweep: 3 runs" in proc.stdout
+    assert f"simcolo sweep: {len(POLICIES)} runs" in proc.stdout
 
     # and the report as it is, drawn: a page with text, tables and plots, not a blank one
     shot = tmp_path / "report.png"

@@ -117,7 +117,7 @@ def test_burstgpt_stats_do_not_depend_on_chunksize(tmp_path):
 
 
 @pytest.mark.parametrize("keys,error,message", [
-    ({"kind": "replay"}, ConfigError, r"^workload\.kind 'replay' is unknown; expected one of: trace, poisson, gamma$"),
+    ({"kind": "replay"}, ConfigError, r"^workload\.kind 'replay' is unknown; expected one of: trace, poisson, gamma, diurnal$"),
     ({"format": "parquet"}, ConfigError, r"^workload\.format 'parquet' is unknown; expected one of: azure, mooncake"),
     ({"path": None}, ConfigError, r"workload\.path must be set"),
     ({"rate_scale": 0}, ConfigError, r"^workload\.rate_scale must be > 0, got 0$"),

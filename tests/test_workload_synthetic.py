@@ -10,7 +10,8 @@ import pytest
 from simcolo.errors import ConfigError
 from simcolo.paths import TRACES_DIR
 from simcolo.workload import Request, build_workload
-from simcolo.workload.synthetic import EmpiricalLengths, FixedLengths, GammaArrivals, PoissonArrivals, synthetic_chunks
+from simcolo.workload.synthetic import (DiurnalArrivals, EmpiricalLengths, FixedLengths, GammaArrivals, LogNormalLengths,
+                                        PoissonArrivals, synthetic_chunks)
 
 FIXED = {"kind": "fixed", "prompt_tokens": 100, "output_tokens": 10}
 
@@ -19,6 +20,9 @@ def synthetic(kind="poisson", seed=0, max_context_len=4096, **keys):
     cfg = {"kind": kind, "rate_rps": 4.0, "lengths": FIXED, **keys}
     if kind == "gamma":
         cfg.setdefault("cv", 2.0)
+    if kind == "diurnal":
+        cfg.setdefault("amplitude", 0.5)
+        cfg.setdefault("period_s", 100.0)
     return build_workload(cfg, max_context_len=max_context_len, rng=np.random.default_rng(seed))
 
 
@@ -112,7 +116,55 @@ def test_gamma_parameters():
     ({"lengths": {"kind": "fixed", "prompt_tokens": 0, "output_tokens": 1}}, "workload.lengths.prompt_tokens"),
     ({"lengths": {"kind": "empirical", "path": None, "format": "azure"}}, "workload.lengths.path must be set"),
     ({"lengths": {"kind": "empirical", "path": "x.csv", "format": "xls"}}, "workload.lengths.format"),
+    ({"lengths": {"kind": "lognormal", "prompt_median": 100, "prompt_sigma": 1, "output_median": 10,
+                  "output_sigma": 1, "max_prompt_tokens": 0, "max_output_tokens": 9}}, "workload.lengths.max_prompt_tokens"),
+    ({"lengths": {"kind": "lognormal", "prompt_median": 100}}, "workload.lengths.prompt_sigma is missing"),
+    ({"lengths": {"kind": "lognormal", "prompt_tokens": 100}}, "workload.lengths.prompt_tokens is not a known key"),
 ])
 def test_synthetic_config_errors_name_the_key(keys, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         synthetic("gamma", **{"num_requests": 10, **keys})
+
+
+# ------------------------------------------------------------------------------------- diurnal, log-normal
+def test_diurnal_arrivals_follow_the_sinusoid():
+    """rate(t) = 4 (1 - 0.6 cos(2 pi t / 100)): the count in each tenth of a period is the rate's integral."""
+    times = arrivals(synthetic("diurnal", amplitude=0.6, period_s=100.0, duration_s=2000.0))
+    assert times[0] == 0.0 and (np.diff(times) >= 0).all() and times[-1] < 2000.0
+    counts, edges = np.histogram(times % 100.0, bins=10, range=(0.0, 100.0))
+    w = 2 * np.pi / 100.0
+    expected = 20 * 4.0 * (np.diff(edges) - 0.6 / w * np.diff(np.sin(w * edges)))   # 20 periods
+    assert counts == pytest.approx(expected, rel=0.08)
+    assert counts.argmin() in (0, 9) and counts.argmax() in (4, 5)     # trough at the start, peak mid-period
+    assert len(times) == pytest.approx(4.0 * 2000.0, rel=0.03)
+
+
+def test_diurnal_with_no_amplitude_is_poisson_and_the_warp_inverts_the_cumulative_rate():
+    flat = np.diff(arrivals(synthetic("diurnal", amplitude=0.0, period_s=60.0, num_requests=50_001)))
+    assert flat.mean() == pytest.approx(0.25, rel=0.02) and flat.std() / flat.mean() == pytest.approx(1.0, rel=0.03)
+    d = DiurnalArrivals(3.0, 0.9, 50.0)
+    t = np.linspace(0.0, 500.0, 1001)
+    assert d.warp(d.cumulative(t)) == pytest.approx(t, abs=1e-6)
+
+
+def test_lognormal_lengths_have_their_median_and_stay_within_their_caps():
+    lengths = LogNormalLengths(4600, 1.0, 130, 0.8, 30720, 2048)
+    prompt, output = lengths.sample(np.random.default_rng(0), 100_000)
+    assert np.median(prompt) == pytest.approx(4600, rel=0.02) and np.median(output) == pytest.approx(130, rel=0.02)
+    assert prompt.min() >= 1 and prompt.max() == 30720 and output.max() <= 2048
+    assert prompt.dtype == output.dtype == np.int64
+
+
+def test_the_presets_load_and_say_what_they_are():
+    from simcolo.config.compose import load_config
+    from simcolo.config.run import RunConfig
+
+    bursty = RunConfig.from_cfg(load_config(["workload=long_bursty", "model=qwen2.5-7b",
+                                             "serving.max_batched_tokens=32768"])).workload
+    assert (bursty.kind, bursty.cv, bursty.lengths.kind, bursty.lengths.max_prompt_tokens) == ("gamma", 4.0, "lognormal", 30720)
+    requests = list(build_workload(bursty, max_context_len=32768, rng=np.random.default_rng(0)))
+    gaps = np.diff([r.arrival_s for r in requests])
+    assert len(requests) == 2000 and gaps.std() / gaps.mean() > 3.0
+    assert max(r.prompt_tokens + r.output_tokens for r in requests) <= 32768
+    day = RunConfig.from_cfg(load_config(["workload=diurnal"])).workload
+    assert (day.kind, day.amplitude, day.period_s, day.duration_s) == ("diurnal", 0.6, 900.0, 1800.0)

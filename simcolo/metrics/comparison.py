@@ -41,12 +41,13 @@ except ImportError:  # pragma: no cover
 
 DEFAULT_KEYS: tuple[str, ...] = (
     "slo_attainment", "goodput_rps", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
-    "train_tokens_per_s", "train_samples_per_s", "optimizer_steps", "inference_loss_mean", "bubble_rate",
+    # training in a job-neutral unit first (full-parameter and LoRA runs compare), then in the job's own
+    "train_job", "train_flops_per_s", "train_mfu", "train_tokens_per_s", "train_samples_per_s", "optimizer_steps", "inference_loss_mean", "bubble_rate",
     "lemix_throughput_tasks_per_s", "gpu_utilization_mean",
 )
 # Keys of co-located runs that serving-only runs lack: always present as columns (NaN where missing).
 OPTIONAL_KEYS: tuple[str, ...] = (
-    "train_tokens_per_s", "train_samples_per_s", "optimizer_steps", "inference_loss_mean", "bubble_rate",
+    "train_job", "train_flops_per_s", "train_mfu", "train_tokens_per_s", "train_samples_per_s", "optimizer_steps", "inference_loss_mean", "bubble_rate",
     "lemix_throughput_tasks_per_s", "gpu_utilization_mean", "slo_attainment_1x", "slo_attainment_5x",
     "slo_attainment_10x", "training_kind",
 )
@@ -215,7 +216,8 @@ def load_runs(multirun_dir: str | Path) -> pd.DataFrame:
 def comparison_table(df: pd.DataFrame, keys: Sequence[str] = DEFAULT_KEYS) -> pd.DataFrame:
     """Runs as columns (named by policy, or by the overrides that differ), ``keys`` as rows, in order.
 
-    Rows that are NaN for every run (training metrics of serving-only sweeps) are left out.
+    Rows that are NaN (or ``none``, the ``train_job`` of a run that does not train) for every run -- the
+    training metrics of serving-only sweeps -- are left out.
     """
     if "label" in df.columns:
         labels = list(df["label"])
@@ -227,7 +229,8 @@ def comparison_table(df: pd.DataFrame, keys: Sequence[str] = DEFAULT_KEYS) -> pd
     data = {key: (list(df[key]) if key in df.columns else [float("nan")] * len(df)) for key in keys}
     table = pd.DataFrame(data, index=pd.Index(labels, name="run")).T
     table.index.name = "metric"
-    table = table[~table.isna().all(axis=1)]
+    missing = table.isna() | (table == "none")    # train_job "none": a run that does not train
+    table = table[~missing.all(axis=1)]
     return table.infer_objects()
 
 
@@ -267,7 +270,14 @@ _COUNT_PREFIXES = ("num_", "status_", "workload_num_", "train_tasks_", "train_qu
 
 
 def format_metric(metric: str, value: Any) -> str:
-    """:func:`format_value`, with counts (optimizer steps, requests, ...) shown as whole numbers."""
+    """:func:`format_value`, with counts (optimizer steps, requests, ...) shown as whole numbers and FLOP
+    rates in three significant digits (``2.92e+15``)."""
+    if str(metric).endswith("flops_per_s"):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return format_value(value)
+        return f"{v:.3g}" if math.isfinite(v) and v != 0 else format_value(value)
     if str(metric) in _COUNT_KEYS or str(metric).startswith(_COUNT_PREFIXES):
         try:
             v = float(value)

@@ -173,10 +173,30 @@ def place_labels(ax, xs, ys, texts, fontsize: float = 8.5) -> list:
     return out
 
 
+def training_axis(df: pd.DataFrame) -> tuple[np.ndarray, str, bool]:
+    """The training throughput runs are compared on: ``train_flops_per_s`` (job-neutral: full-parameter and
+    LoRA runs compare), or ``train_tokens_per_s`` for summaries written before it existed; 0 where a run does
+    not train. Returns (values, axis label, whether they are FLOP/s)."""
+    flops = _numbers(df, "train_flops_per_s")
+    if not np.isnan(flops).all():
+        return np.nan_to_num(flops, nan=0.0), "training throughput (model PFLOP/s, job-neutral)", True
+    return np.nan_to_num(_numbers(df, "train_tokens_per_s"), nan=0.0), "training throughput (tokens/s)", False
+
+
+def _job_note(df: pd.DataFrame, i: int) -> str:
+    """`` (full, 64,853 tok/s)``: a training run's job and its throughput in its own unit (legends)."""
+    job = df["train_job"].iloc[i] if "train_job" in df.columns else None
+    tokens = _numbers(df, "train_tokens_per_s")[i]
+    parts = [str(job)] if isinstance(job, str) and job not in ("", "none") else []
+    if not np.isnan(tokens):
+        parts.append(f"{tokens:,.0f} tok/s")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def pareto(df: pd.DataFrame, path: str | Path | None = None):
-    """Training throughput (``train_tokens_per_s``, 0 where a run does not train) against SLO attainment:
-    one numbered point per run (the legend names them), the Pareto front (both maximised) as a
-    staircase. The SLO axis stops at 1 (no run can attain more; the region past it is shaded) and both
+    """Training throughput (``train_flops_per_s``, job-neutral, 0 where a run does not train; see
+    :func:`training_axis`) against SLO attainment: one numbered point per run (the legend names them, with
+    the job and its tokens/s beside), the Pareto front (both maximised) as a staircase. The SLO axis stops at 1 (no run can attain more; the region past it is shaded) and both
     axes say which way is better. ``None``, with nothing written, when no run trains: there is nothing
     to trade SLO attainment against."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -185,7 +205,7 @@ def pareto(df: pd.DataFrame, path: str | Path | None = None):
     if not trained.any():
         return None
     slo = _numbers(df, "slo_attainment")
-    train = np.nan_to_num(_numbers(df, "train_tokens_per_s"), nan=0.0)
+    train, ylabel, flops = training_axis(df)
     short = short_labels(df)
     ok = ~np.isnan(slo)
     fig, ax = _figure(width=7.5, height=4.6)
@@ -193,7 +213,7 @@ def pareto(df: pd.DataFrame, path: str | Path | None = None):
     xs, ys = slo[ok], train[ok]
     for i in idx:
         ax.scatter([slo[i]], [train[i]], s=40, color=_color(i), zorder=3, edgecolors="white", linewidths=0.6,
-                   label=f"{i + 1}  {short[i]}" + ("" if trained[i] else " (no training)"))
+                   label=f"{i + 1}  {short[i]}" + (_job_note(df, i) if trained[i] else " (no training)"))
 
     # limits: attainment within [0, 1] with a little margin; throughput from 0
     lo_x, hi_x = (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 1.0)
@@ -207,7 +227,7 @@ def pareto(df: pd.DataFrame, path: str | Path | None = None):
         ax.axvspan(1.0, hi + margin, color="0.92", zorder=0, lw=0)
     top = float(ys.max()) if len(ys) else 0.0
     ax.set_ylim(0.0, top * 1.15 if top > 0 else 1.0)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.yaxis.set_major_formatter(FuncFormatter((lambda v, _: f"{v / 1e15:g}") if flops else (lambda v, _: f"{v:,.0f}")))
 
     if len(xs):
         front = pareto_front(xs, ys)
@@ -216,7 +236,7 @@ def pareto(df: pd.DataFrame, path: str | Path | None = None):
         ax.step(fx, fy, where="pre", color="tab:red", alpha=0.6, lw=1.2, label="Pareto front", zorder=2)
         ax.scatter(fx, fy, s=90, facecolors="none", edgecolors="tab:red", zorder=4)
     ax.set_xlabel("SLO attainment (share of requests within TTFT and TPOT SLOs)   higher is better →")
-    ax.set_ylabel("training throughput (tokens/s)   higher is better →")
+    ax.set_ylabel(f"{ylabel}   higher is better →")
     ax.set_title("Serving SLO attainment vs training throughput (best: top right)")
     ax.grid(alpha=0.3)
     if len(idx):

@@ -10,10 +10,11 @@ from simcolo.policies.least_outstanding import LeastOutstandingTokens
 from simcolo.policies.lemix import LeMix
 from simcolo.policies.mix_baselines import MixLeastUtilised, MixRandom, MixRoundRobin
 from simcolo.policies.round_robin import RoundRobin
+from simcolo.policies.tidal import Tidal
 
 POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (
     RoundRobin, LeastOutstandingTokens, Isolated, MixRoundRobin, MixLeastUtilised, MixRandom, LeMix,
-    Harli, StaticShare, FlexLLM)}
+    Harli, StaticShare, FlexLLM, Tidal)}
 
 
 def make_policy(cfg, rng=None) -> RoutingPolicy:

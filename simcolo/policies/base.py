@@ -103,6 +103,9 @@ class RoutingPolicy(ABC):
     layout: str = "serving"
     #: the ``policy.*`` keys it reads besides ``name`` (any other key in the node is refused)
     config_keys: tuple[str, ...] = ()
+    #: co-located pipelines: offer deferred training tasks again at every request arrival too (not only
+    #: when a training task completes), for a policy whose deferral depends on the load it observes
+    retry_on_arrival: bool = False
 
     def __init__(self, cfg=None, rng=None):
         self.cfg, self.rng = cfg, rng
@@ -115,6 +118,10 @@ class RoutingPolicy(ABC):
     @abstractmethod
     def route(self, request: Request, instances: Sequence[InstanceView], now: float) -> int:
         """Return the position in ``instances`` of the chosen instance."""
+
+    def on_request_finished(self, request: Request, now: float) -> None:
+        """A request left the system (finished, or refused): its measured latencies, for a policy that
+        closes a loop on them. Called by both backends when training co-locates with serving."""
 
 
 class PipelinePolicy(RoutingPolicy):

@@ -15,7 +15,8 @@ import numpy as np
 from simcolo.errors import ConfigError
 from simcolo.paths import resolve_path
 from simcolo.workload.loaders import check_trace, read_trace
-from simcolo.workload.synthetic import EmpiricalLengths, FixedLengths, GammaArrivals, PoissonArrivals, synthetic_chunks
+from simcolo.workload.synthetic import (DiurnalArrivals, EmpiricalLengths, FixedLengths, GammaArrivals, LogNormalLengths,
+                                        PoissonArrivals, synthetic_chunks)
 from simcolo.workload.workload import Transform, Workload
 
 if TYPE_CHECKING:
@@ -38,6 +39,9 @@ def _trace_source(cfg: WorkloadConfig):
 def _lengths(cfg: LengthsConfig):
     if cfg.kind == "fixed":
         return FixedLengths(cfg.prompt_tokens, cfg.output_tokens)
+    if cfg.kind == "lognormal":
+        return LogNormalLengths(cfg.prompt_median, cfg.prompt_sigma, cfg.output_median, cfg.output_sigma,
+                                cfg.max_prompt_tokens, cfg.max_output_tokens)
     path = check_trace(resolve_path(cfg.path), cfg.format, "workload.lengths.format")
     return EmpiricalLengths.from_trace(path, cfg.format, f"{cfg.format} trace {cfg.path}")
 
@@ -53,7 +57,12 @@ def _private_rng(rng: np.random.Generator) -> np.random.Generator:
 
 
 def _synthetic_source(cfg: WorkloadConfig, rng: np.random.Generator):
-    arrivals = PoissonArrivals(cfg.rate_rps) if cfg.kind == "poisson" else GammaArrivals(cfg.rate_rps, cfg.cv)
+    if cfg.kind == "poisson":
+        arrivals = PoissonArrivals(cfg.rate_rps)
+    elif cfg.kind == "gamma":
+        arrivals = GammaArrivals(cfg.rate_rps, cfg.cv)
+    else:
+        arrivals = DiurnalArrivals(cfg.rate_rps, cfg.amplitude, cfg.period_s)
     lengths = _lengths(cfg.lengths)
     child = _private_rng(rng)
 
