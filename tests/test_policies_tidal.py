@@ -202,7 +202,7 @@ SLICE = ["cluster=h100x8", "workload.max_requests=600", "workload.rate_scale=4"]
 
 
 def test_tidal_never_predicts_a_decode_latency_above_the_slo_for_the_share_it_picks():
-    slo = 0.0078   # tight: the solo decode itself misses it at times, so some plans are infeasible
+    slo = 0.009    # tight: the solo decode itself misses it at times, so some plans are infeasible
     r = run_sim("policy=tidal_lora", *SLICE, "workload.rate_scale=8", f"slo.tpot_s={slo}", "policy.max_micro_batch=2")
     plans = [p for ft in r.backend.finetuners for p in ft.plans]
     running = [p for p in plans if p[4] > 0 and p[1] > 0]
