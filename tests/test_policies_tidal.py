@@ -123,6 +123,22 @@ def test_training_goes_to_the_node_with_the_most_headroom_not_the_busiest():
     assert _tidal().place_training(_Task(), nodes, _Predictor(), 1.0) == 2
 
 
+def test_a_spread_request_joins_a_decoding_node_rather_than_open_a_co_run_beside_training():
+    policy = _tidal()                       # training not saturated: requests are spread by headroom
+    request = Request(0, 1.0, 100, 11)
+    training_only = _Node([1.0, 1.0])                   # pressure ~0.06 (decode 5.5 ms of 100), no decode yet
+    decoding = _Node([1.0, 1.0], wait=0.2, batch=4)     # pressure 0.21 (TTFT 0.21 s of 1 s)
+    assert policy.route(request, [training_only, decoding], 1.0) == 1
+    # a node that neither trains nor decodes opens no co-run either: the most headroom of those wins
+    assert policy.route(request, [training_only, decoding, _Node([0.0, 0.0])], 1.0) == 2
+    # the decoding node near its SLO (pressure 0.61, over JOIN_BELOW 0.5): the most headroom of all
+    assert policy.route(request, [training_only, _Node([1.0, 1.0], wait=0.6, batch=4)], 1.0) == 0
+    for _ in range(8):                      # TTFT tails at 0.7 of the SLO, over twice spread_above (0.6)
+        _finish(policy, 2.0, 0.7)
+    assert policy.ttft_pressure == pytest.approx(0.7)
+    assert policy.route(request, [training_only, decoding], 2.0) == 0
+
+
 def test_throttles_before_a_forecast_surge_and_releases_after_it():
     policy = _tidal()
     nodes = [_Node([0.0, 0.0]), _Node([0.0, 0.0])]

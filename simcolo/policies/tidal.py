@@ -11,10 +11,14 @@ Layouts (``policy.training_kind``, composed from ``training.kind``):
   at its SLO. Requests are packed as LeMix packs them (its feasibility-checked score) while training lacks
   room (a task deferred for want of room, or two tasks queued ahead of it on the best node) and the TTFT
   tail, scaled by the forecast rise, is under ``spread_above`` of the SLO: packing leaves other nodes'
-  training unslowed. Otherwise each request goes to the node with the most serving headroom, the smallest
+  training unslowed. Otherwise requests are spread by serving headroom, the smallest
   ``max(TTFT_pred / TTFT SLO, decode_pred / TPOT SLO)`` (a queue blocked behind a full batch or KV cache
-  counts one more); a task deferred by the throttle alone leaves requests spread, to meet the surge the
-  throttle expects. Deferred tasks are offered again as tasks complete *and* as requests arrive
+  counts one more). While that score is under ``JOIN_BELOW`` and the TTFT tail (x the forecast rise) is
+  under twice ``spread_above``, each goes to the node with the most headroom among those where it opens no
+  new co-run beside training (the node already decodes, or does not train): a co-run slows the training it
+  joins for as long as the decode lasts. Otherwise, to the node with the most headroom of all. A task
+  deferred by the throttle alone leaves requests spread, to meet the surge the throttle expects. Deferred
+  tasks are offered again as tasks complete *and* as requests arrive
   (``retry_on_arrival``), so a throttle lifts without waiting for training to finish. Asynchronous release
   and LeMix's memory gate (``release``, ``memory_threshold``).
 * ``lora`` (LoRA finetuning) — the **finetune** layout of Harli: prefill/decode disaggregated
@@ -43,9 +47,9 @@ The training intensity in [0, 1] (1: as much training as fits) is the smaller of
 It never refuses a request: requests are always routed; only training waits.
 
 Decisions of ours: the weights of the headroom score (pressure weight 1), the AIMD steps, the surge
-ramp, ``SATURATED``, ``DEAD_BAND``, ``MAX_RISE`` and the lowest margin of the decode target (``MIN_MARGIN``,
-0.7 of the TPOT SLO); the knobs' values in conf/policy/tidal.yaml were tuned once, for every grid point
-together, on the shipped roofline tables.
+ramp, ``SATURATED``, ``JOIN_BELOW``, ``DEAD_BAND``, ``MAX_RISE`` and the lowest margin of the decode
+target (``MIN_MARGIN``, 0.7 of the TPOT SLO); the knobs' values in conf/policy/tidal.yaml were tuned once,
+for every grid point together, on the shipped roofline tables (``JOIN_BELOW`` on the v4 tables).
 """
 from __future__ import annotations
 
@@ -69,6 +73,12 @@ MAX_RISE = 2.0
 #: a training task placed where its forward is predicted to take more than this x the unloaded one (two tasks
 #: queued ahead of it on the best node) means training has more work than room: requests are then packed
 SATURATED = 3.0
+#: a spread request joins the node with the most serving headroom among those where it opens no co-run beside
+#: training (already decoding, or not training) while that node's serving pressure is under this (and the TTFT
+#: tail under twice spread_above); otherwise, the node with the most headroom of all. A co-run slows both sides
+#: (~1.8x each for decode beside training on plain streams, roofline v4), and a decode iteration costs about
+#: the same at batch 1 as at batch 16
+JOIN_BELOW = 0.5
 #: a forecast throttle smaller than this is ignored (a rise on a fleet with most of its headroom, or forecast
 #: noise): it would cost training and change nothing the SLO sees
 DEAD_BAND = 0.2
@@ -179,12 +189,24 @@ class Tidal(Harli):
             return self._packer.route(request, instances, now)
         pred = self.predictor
         prefill = pred.request_prefill_s(request.prompt_tokens)
-        best = None
+        best = joins = None
         for i, node in enumerate(instances):
             p = self._serving_pressure(node, now, prefill, request.prompt_tokens)
             if best is None or p < best[0]:
                 best = (p, i)
+            if not self._opens_corun(node) and (joins is None or p < joins[0]):
+                joins = (p, i)
+        if (joins is not None and joins[0] < JOIN_BELOW
+                and self.ttft_pressure * min(self.rise(now), MAX_RISE) < 2.0 * self.spread_above):
+            return joins[1]
         return best[1]
+
+    @staticmethod
+    def _opens_corun(node) -> bool:
+        """A request placed here would start serving beside training: the node is training and decodes nothing
+        (on a node already decoding, one more sequence adds little to the co-run it already has)."""
+        batch, _ = node.decode_load()
+        return batch == 0 and any(node.stage_backlog_s(s) > 0 for s in range(node.num_stages))
 
     def _serving_pressure(self, node, now: float, prefill_s: float = 0.0, prompt: int = 0) -> float:
         """max(predicted TTFT / TTFT SLO, predicted decode iteration / TPOT SLO) on a co-located node, + 1 if
