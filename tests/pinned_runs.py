@@ -25,9 +25,10 @@ _HARLI = ["cluster=h100x8", "serving.max_batched_tokens=32768", "workload.rate_s
 
 #: name -> overrides (the sweep's fixed settings, one point of its grid, and a short trace)
 RUNS: dict[str, list[str]] = {
-    **{f"compare/{p}": [*_COMPARE, f"policy={p}"] for p in ("isolated", "lemix", "harli")},
+    **{f"compare/{p}": [*_COMPARE, f"policy={p}"] for p in ("isolated", "lemix", "harli", "tidal_lora")},
+    "compare/lemix/lora": [*_COMPARE, "policy=lemix", "training=lora"],   # the same job as harli, as pipelines
     **{f"lemix_paper/{p}": [*_LEMIX, f"policy={p}"] for p in ("isolated", "mix_rr", "mix_luf", "mix_random",
-                                                               "lemix")},
+                                                               "lemix", "tidal")},
     **{f"harli_paper/{p}/tpot{t}": [*_HARLI, f"policy={p}", f"slo.tpot_s={t}"]
        for p in ("static_share", "flexllm", "harli") for t in ("0.1", "0.025")},
     # serving alone (the default job, chunked prefill, disaggregation), under load so that batches
