@@ -33,7 +33,8 @@ from simcolo.specs import load_model_spec
 #: Small grids for the in-process tests: 4 x 2 prefill points, 2 x 2 decode points.
 SMALL = ["measure=[prefill,decode]", "grids.cpu.prefill.batch_tokens=[16,32,64,128]",
          "grids.cpu.prefill.num_seqs=[1,2]", "grids.cpu.decode.batch_size=[1,2]",
-         "grids.cpu.decode.kv_tokens_per_seq=[8,16]", "repeats=3", "warmup=1", "progress_bar=false"]
+         "grids.cpu.decode.kv_tokens_per_seq=[8,16]", "repeats=3", "warmup=1", "progress_bar=false",
+         "engine_run.enabled=false"]
 SMALL_POINTS = 4 * 2 + 2 * 2
 
 
