@@ -287,7 +287,7 @@ def test_the_installed_wheel_runs_from_any_directory(tmp_path):
     assert [c["argv"][-1] for c in json.loads((run / "fidelity_run.json").read_text())["commands"]] == [
         "--calibrate-override=repeats=0", "published"]
     assert {p.name for p in published.iterdir()} == {"fidelity.csv", "fidelity_runs.csv", "fidelity.md",
-                                                     "drift.json", "round_robin", "notes"}
+                                                     "drift.json", "load.json", "round_robin", "notes"}
     assert {p.name for p in (published / "round_robin").iterdir()} == {
         "sim_summary.json", "calibration_metadata.json", "compare_1.csv", "replay_1_summary.json"}
     assert (published / "fidelity.md").read_text() == (run / "fidelity.md").read_text()
