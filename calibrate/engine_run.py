@@ -84,7 +84,7 @@ def calibrate_in_engine(out: Path, e: dict, model: str, gpu: str, device: str, t
         raise ConfigError(f"the engine run (python -m simcolo.replay) failed with exit {proc.returncode}: "
                           f"{' | '.join(tail)}; full log in {run_dir / 'engine_run.log'} (engine_run.enabled=false "
                           "writes the kernel tables only)")
-    for bulky in ("requests.parquet", "gpus.parquet", "plots"):      # keep the small files only
+    for bulky in ("gpus.parquet", "plots"):      # keep the small files only (refine reads requests.parquet)
         p = run_dir / bulky
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     fitted = out / ".fitted"
