@@ -48,6 +48,9 @@ def settings(cfg: DictConfig, profile: str) -> dict | None:
         raise ConfigError(f"engine_run.profiles.{profile}: missing; expected workload and layout lists of replay "
                           "overrides for this profile, or engine_run.enabled=false")
     out = {"config_dir": e.get("config_dir"), "timeout_s": float(e.get("timeout_s") or 900)}
+    duration = e.get("duration_s")
+    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0):
+        raise ConfigError(f"engine_run.duration_s={duration!r}; expected seconds > 0 or null (the profile's)")
     for key in ("workload", "layout"):
         given = prof.get(key)
         values = list(OmegaConf.to_container(given)) if given is not None else None
@@ -55,6 +58,8 @@ def settings(cfg: DictConfig, profile: str) -> dict | None:
             raise ConfigError(f"engine_run.profiles.{profile}.{key}: {values!r}; expected a list of key=value "
                               "overrides of python -m simcolo.replay")
         out[key] = values
+    if duration is not None:
+        out["workload"].append(f"workload.duration_s={duration:g}")
     return out
 
 

@@ -54,11 +54,10 @@ DRY_CALIBRATION = [
     "grids.cpu.train_stage.num_stages=[1]", "grids.cpu.train_stage.micro_batch=[1,2]",
     "grids.cpu.train_stage.seq_len=[64,128]", "grids.cpu.lora_step.rank=[8]",
     "grids.cpu.lora_step.micro_batch=[1,2]", "grids.cpu.lora_step.seq_len=[64,128]",
-    "grids.cpu.interference.prefill=[]", "grids.cpu.interference.decode=[[1,128]]",
+    "grids.cpu.interference.prefill=[[128,1]]", "grids.cpu.interference.decode=[[1,128]]",
     "grids.cpu.interference.train=[[2,128]]", "grids.cpu.interference.lora=[[1,128]]",
     "grids.cpu.interference.sm_shares=[0.5]", "grids.cpu.interference.duration_s=0.01",
-    "engine_run.profiles.cpu.workload=[workload=poisson,workload.rate_rps=4.5,workload.duration_s=3,"
-    "workload.overlength=clip]",
+    "engine_run.duration_s=3",
 ]
 GPU_CALIBRATION = ["profile=gpu_short", "repeats=5", "warmup=2"]
 
@@ -165,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.dry_run:
         device, model, setting, gpu, profile_over = "cpu", "tiny", "cpu_tiny", "cpu", DRY_CALIBRATION
         slice_over = ["workload.end_s=6"]          # 3 s of the CPU setting's trace (played at 2x)
+        fidelity_over = ["--no-in-situ"]
     else:
         if "device_name" not in info:
             sys.exit("gpu_run: torch sees no CUDA device; --dry-run runs the CPU version")
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         if gpu is None:
             sys.exit(f"gpu_run: no conf/gpu spec for {info['device_name']!r}; name one with --gpu")
         device, model, setting, profile_over, slice_over = "cuda", "llama3-8b", "gpu_llama3_8b", GPU_CALIBRATION, []
+        fidelity_over = []
     info.update({"gpu_spec": gpu, "device": device, "model": model, "setting": setting, "argv": sys.argv[1:]})
     (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n")
     work = Path(a.work).expanduser().resolve() if a.work else Path(tempfile.mkdtemp(prefix="simcolo-gpu-run-"))
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         step("-m", "calibrate.report", cal)
         policies = a.policies
         step("-m", "simcolo.replay.fidelity", "--setting", setting, "--device", device, "--policies", policies,
-             "--repeats", str(a.repeats), "--tables", cal, "--out", work / "fidelity", "--publish", out / "fidelity",
+             "--repeats", str(a.repeats), *fidelity_over, "--tables", cal, "--out", work / "fidelity", "--publish", out / "fidelity",
              f"gpu={gpu}", *slice_over)
         replays = sorted(str(d) for d in (work / "fidelity").glob("*/replay_*") if (d / "iterations.parquet").exists())
         step("-m", "calibrate.refine", *replays, "--tables", cal, "--out", work / "refined")

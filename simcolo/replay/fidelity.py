@@ -247,15 +247,15 @@ def main(argv: list[str] | None = None) -> None:
         config_dir = [f"--config-dir={cd}"]
     common = [f"+fidelity={a.setting}", *a.overrides]
     model = load_config(common, config_dir=a.config_dir).model.name   # a bad setting fails here, before any run
-    work.mkdir(parents=True, exist_ok=True)
-    _record_run(work, a, argv)
-    print(f"fidelity: writing to {work}", flush=True)
-    log = work / "fidelity.log"
     tables = None
     if a.tables is not None:
         tables = Path(a.tables).expanduser().resolve()
         if not (tables / "metadata.json").is_file():
             ap.error(f"--tables {a.tables}: {tables} is not a cost-table directory (no metadata.json)")
+    work.mkdir(parents=True, exist_ok=True)
+    _record_run(work, a, argv)
+    print(f"fidelity: writing to {work}", flush=True)
+    log = work / "fidelity.log"
     rows, drift, load = [], {}, {}
     for policy in policies:
         pdir = work / policy
