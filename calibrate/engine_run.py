@@ -30,6 +30,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from calibrate.context import CalibrationError
 from calibrate.refine import refine
 from simcolo.costs.schema import METADATA_FILE
 from simcolo.errors import ConfigError
@@ -86,7 +87,7 @@ def calibrate_in_engine(out: Path, e: dict, model: str, gpu: str, device: str, t
     (run_dir / "engine_run.log").write_text("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise ConfigError(f"the engine run (python -m simcolo.replay) failed with exit {proc.returncode}: "
+        raise CalibrationError(f"the engine run (python -m simcolo.replay) failed with exit {proc.returncode}: "
                           f"{' | '.join(tail)}; full log in {run_dir / 'engine_run.log'} (engine_run.enabled=false "
                           "writes the kernel tables only)")
     for bulky in ("gpus.parquet", "plots"):      # keep the small files only (refine reads requests.parquet)
