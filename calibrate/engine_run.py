@@ -11,8 +11,8 @@ sweep, ``python -m calibrate``:
 1. writes the sweep's tables to ``<out>/kernel`` (the shape of every table over its whole grid);
 2. runs ``python -m simcolo.replay`` -- the engine's own code path, threads and all -- on a short
    synthetic workload (``engine_run.profiles.<profile>.workload``: Poisson arrivals with the Azure conversation trace's
-   lengths) in the layout ``engine_run.profiles.<profile>.layout`` (CPU: one serving instance with isolated
-   training beside it, serving and training alternating on the machine as live), into
+   lengths) in the layout ``engine_run.profiles.<profile>.layout`` (CPU: one co-located node, serving and
+   training threads of one process alternating as they do live; GPU: serving alone), into
    ``<out>/engine_run``;
 3. fits the tables to that run's iterations with :mod:`calibrate.refine` (one scale per iteration kind,
    the training tables by the run's training ratio) and writes them to ``<out>``, the metadata saying

@@ -25,7 +25,7 @@ def test_the_calibration_is_the_kernel_sweep_fitted_to_the_engine_run(cpu_calibr
     run = out / "engine_run"
     it = pd.read_parquet(run / "iterations.parquet")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["backend"] == "replay" and summary["policy"] == "isolated" and summary["replay_failed"] == ""
+    assert summary["backend"] == "replay" and summary["policy"] == "mix_rr" and summary["replay_failed"] == ""
     assert not (run / "gpus.parquet").exists() and not (run / "plots").exists()   # small files only
     refined = meta["refined"]
     assert refined["base"] == str(kernel.resolve()) and refined["runs"] == [str(run.resolve())]
