@@ -19,6 +19,7 @@ def main(cfg: DictConfig) -> None:
     from calibrate.harness import run
 
     try:
+        _pass_config_dir(cfg)
         run(cfg)
     except SimcoloError as exc:
         print(f"calibrate: error: {exc}", file=sys.stderr)
@@ -27,6 +28,20 @@ def main(cfg: DictConfig) -> None:
         print("calibrate: interrupted; every point measured so far is kept in <out>/.progress.jsonl: run "
               "the same command again to continue", file=sys.stderr)
         sys.exit(130)
+
+
+def _pass_config_dir(cfg: DictConfig) -> None:
+    """``--config-dir DIR`` reaches the engine run too (its replay reads the same ``model=<name>``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    if cfg.get("engine_run") is None or cfg.engine_run.get("config_dir") is not None:
+        return
+    for source in HydraConfig.get().runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            with open_dict(cfg):
+                cfg.engine_run.config_dir = source.path
+            return
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from calibrate import memory
 from calibrate.context import Context
+from calibrate.engine_run import calibrate_in_engine, KERNEL_DIR, settings as engine_settings
 from calibrate.grids import select_grids, table_grid
 from calibrate.measure_interference import describe_method, InterferenceMeasurer
 from calibrate.measure_learning_curve import LearningCurveMeasurer
@@ -30,6 +31,7 @@ from calibrate.write import complete_grid, environment, GRID_TABLES, now_iso, wr
 from simcolo.config.compose import load_config as load_simcolo_config
 from simcolo.config.read import read_seed
 from simcolo.costs.schema import table_dir_name
+from simcolo.costs.tables import read_metadata
 from simcolo.errors import ConfigError
 from simcolo.specs import gpu_spec_from_mapping, GPUSpec, load_gpu_spec, model_spec_from_mapping
 
@@ -138,6 +140,7 @@ def run(cfg: DictConfig) -> Result:
     ctx = Context(spec, device, dtype, CallTimer(str(device), repeats, warmup, float(cfg.cpu_min_block_s)),
                   seed)
     profile, grids = select_grids(cfg, device.type)
+    engine = engine_settings(cfg, profile)     # checked before the sweep, run after it
     measurers = [MEASURERS[t](ctx, table_grid(grids, profile, t), f"grids.{profile}.{t}")
                  for t in MEASURERS if t in cfg.measure]
     header = {"model_config": asdict(spec), "gpu": gpu.name, "device": device.type, "dtype": str(dtype),
@@ -179,7 +182,12 @@ def run(cfg: DictConfig) -> Result:
         "recheck_tolerance": cfg.recheck_tolerance, "rechecked_points": result.rechecked,
         **environment(device),
     }
-    result.metadata = write_calibration(out, tables, meta)
+    if engine is None:
+        result.metadata = write_calibration(out, tables, meta)
+    else:   # the sweep's tables, then fitted to the engine's own iterations (calibrate/engine_run.py)
+        write_calibration(out / KERNEL_DIR, tables, meta)
+        calibrate_in_engine(out, engine, spec.name, gpu.name, str(cfg.device), cfg.threads, seed)
+        result.metadata = read_metadata(out)
     result.skipped = skipped
     result.wall_s = time.perf_counter() - t0
     print(f"calibrate: wrote {out} ({', '.join(result.metadata['tables'])}); {result.measured} points "

@@ -33,7 +33,8 @@ from simcolo.specs import load_model_spec
 #: Small grids for the in-process tests: 4 x 2 prefill points, 2 x 2 decode points.
 SMALL = ["measure=[prefill,decode]", "grids.cpu.prefill.batch_tokens=[16,32,64,128]",
          "grids.cpu.prefill.num_seqs=[1,2]", "grids.cpu.decode.batch_size=[1,2]",
-         "grids.cpu.decode.kv_tokens_per_seq=[8,16]", "repeats=3", "warmup=1", "progress_bar=false"]
+         "grids.cpu.decode.kv_tokens_per_seq=[8,16]", "repeats=3", "warmup=1", "progress_bar=false",
+         "engine_run.enabled=false"]
 SMALL_POINTS = 4 * 2 + 2 * 2
 
 
@@ -134,8 +135,8 @@ def test_report_heldout_error_is_small(calibrated):
     assert lines[-1].startswith("heldout_median_rel_err=")
     err = float(lines[-1].split("=", 1)[1])
     # the tables are smooth enough to interpolate: half the grid predicts the other half. With the shared
-    # engine's serving kernels the median came out 0.11-0.20 on this 2-core VM (0.07 with the old runner):
-    # the bound is 0.25 until the calibration in the engine's conditions lands
+    # engine's serving kernels the median came out 0.11-0.20 on this 2-core VM (0.07 with the old runner);
+    # the engine fit (calibrate/engine_run.py) scales each table by one factor, which leaves these ratios
     assert 0 <= err < 0.25, proc.stdout
     for table in ("prefill", "decode", "train_stage", "lora_step"):
         assert any(line.startswith(table) for line in lines), (table, proc.stdout)

@@ -185,7 +185,8 @@ def cpu_calibration(tmp_path_factory):
                        "grids.cpu.lora_step.rank=[4,8]", "grids.cpu.lora_step.micro_batch=[1,2]",
                        "grids.cpu.lora_step.seq_len=[16,32]", "grids.cpu.interference.prefill=[]",
                        "grids.cpu.interference.decode=[[2,16]]", "grids.cpu.interference.train=[[1,16]]",
-                       "grids.cpu.interference.lora=[]", "grids.cpu.interference.duration_s=0.01"])
+                       "grids.cpu.interference.lora=[]", "grids.cpu.interference.duration_s=0.01",
+                       "engine_run.enabled=false"])
     assert run(cfg).complete
     return out
 

@@ -216,7 +216,7 @@ def _small_calibration() -> list[str]:
     grids = {"prefill.batch_tokens": "[16,64]", "prefill.num_seqs": "[1,2]", "decode.batch_size": "[1,4]",
              "decode.kv_tokens_per_seq": "[8,64]", "train_stage.num_stages": "[1]",
              "train_stage.micro_batch": "[1,2]", "train_stage.seq_len": "[16,32]"}
-    over = ["repeats=1", "warmup=0", "cpu_min_block_s=0.001", "measure=[prefill,decode]",
+    over = ["repeats=1", "warmup=0", "cpu_min_block_s=0.001", "measure=[prefill,decode]", "engine_run.enabled=false",
             *(f"grids.cpu.{k}={v}" for k, v in grids.items())]
     return [f"--calibrate-override={o}" for o in over]
 
@@ -287,7 +287,7 @@ def test_the_installed_wheel_runs_from_any_directory(tmp_path):
     assert [c["argv"][-1] for c in json.loads((run / "fidelity_run.json").read_text())["commands"]] == [
         "--calibrate-override=repeats=0", "published"]
     assert {p.name for p in published.iterdir()} == {"fidelity.csv", "fidelity_runs.csv", "fidelity.md",
-                                                     "drift.json", "round_robin", "notes"}
+                                                     "drift.json", "load.json", "round_robin", "notes"}
     assert {p.name for p in (published / "round_robin").iterdir()} == {
         "sim_summary.json", "calibration_metadata.json", "compare_1.csv", "replay_1_summary.json"}
     assert (published / "fidelity.md").read_text() == (run / "fidelity.md").read_text()

@@ -195,14 +195,14 @@ def test_fidelity_tables_rescale_and_drift(cpu_calibration, tmp_path):
     """The fidelity runner's two table operations, on the session's real calibration."""
     from simcolo.replay.fidelity import calibration_drift, rescale_tables
 
-    src = cpu_calibration[0]
+    src = cpu_calibration[0] / "kernel"         # the sweep's tables (drift compares against them)
     rescale_tables(src, tmp_path / "x", {"replay_prefill_time_over_table": 1.5,
                                          "replay_decode_time_over_table": float("nan")})
     for table, factor in (("prefill", 1.5), ("decode", 1.0), ("train_stage", 1.0)):
         a, b = pd.read_csv(src / f"{table}.csv"), pd.read_csv(tmp_path / "x" / f"{table}.csv")
         assert np.allclose(b.latency_s, factor * a.latency_s)
         assert a.drop(columns="latency_s").equals(b.drop(columns="latency_s"))
-    drift = calibration_drift(src, tmp_path / "x")
+    drift = calibration_drift(src.parent, tmp_path / "x")
     assert drift["prefill"] == pytest.approx(0.5) and drift["decode"] == pytest.approx(0.0)
     from simcolo.costs import CostModel
 

@@ -6,16 +6,24 @@
 For each policy, one at a time (nothing else should compete for the machine meanwhile), it runs the
 commands a user would, as subprocesses in the working directory:
 
-1. ``python -m calibrate`` — tables measured just before (``<out>/<policy>/calibration``);
+1. ``python -m calibrate`` — tables measured just before (``<out>/<policy>/calibration``): the kernel
+   sweep fitted to a short live run of the engine (``calibrate/engine_run.py``); or, with ``--tables
+   DIR``, one calibration made beforehand for every policy;
 2. ``simcolo`` on those tables;
 3. ``python -m simcolo.replay`` ``--repeats`` times, each followed by ``python -m simcolo.compare``;
-4. ``python -m calibrate measure=[prefill,decode,train_stage]`` again (``calibration_after``): how far
-   the machine itself drifted while replaying (a shared VM can change speed by tens of percent
-   within minutes; that bounds what any comparison on it can show).
+4. ``python -m calibrate measure=[prefill,decode,train_stage] engine_run.enabled=false`` again
+   (``calibration_after``), compared with the first calibration's kernel sweep: how far the machine
+   itself drifted while replaying (a shared VM can change speed by tens of percent within minutes; that
+   bounds what any comparison on it can show). Not with ``--tables``.
 
 The report (``fidelity.csv``, ``fidelity.md``) gives, per policy and metric, the simulated value, the
 median measured value over the repeats and its relative error, the smallest and largest relative
-error of single repeats, and the calibration drift.
+error of single repeats, whether the target rows are within ``--target`` (mean TTFT and TPOT and the
+training step time or tokens/s; on CUDA also p90 TTFT and TPOT), the machine's load average around each
+policy's replays (``load.json``) and the calibration drift. No table is rescaled after the fact: the
+simulation runs on the calibration as made. A diagnostic, labelled as such, follows: the replays' own
+measured / predicted ratios, and the simulation re-run on tables rescaled by them ("in-situ tables"),
+which isolates the simulator's own error from the tables'.
 
 Where it writes: everything goes to the run's own directory, ``--out`` (default: a new
 ``outputs/fidelity/<setting>/<date>_<time>`` under the working directory; an existing non-empty
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -64,6 +73,14 @@ IN_SITU = ("replay_prefill_time_over_table", "replay_decode_time_over_table", "r
 IN_SITU_SUFFIX = " (in-situ tables)"
 
 
+def _load_average() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages (what else competed for it)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:          # not available on this platform
+        return []
+
+
 def _run(args: list[str], log: Path) -> None:
     print("$", " ".join(args), flush=True)
     with log.open("a") as f:
@@ -89,7 +106,10 @@ def rescale_tables(src: Path, dst: Path, ratios: dict[str, float]) -> None:
 
 
 def calibration_drift(before: Path, after: Path) -> dict[str, float]:
-    """Median over the points both calibrations measured of latency_after / latency_before - 1, per table."""
+    """Median over the points both calibrations measured of latency_after / latency_before - 1, per table
+    (``before/kernel``, the sweep before its engine fit, where the first calibration has one)."""
+    if (before / "kernel").is_dir():
+        before = before / "kernel"
     out = {}
     for table in DRIFT_TABLES:
         a, b = before / f"{table}.csv", after / f"{table}.csv"
@@ -106,7 +126,7 @@ def calibration_drift(before: Path, after: Path) -> dict[str, float]:
 #: marks a fidelity run's directory (``--out``): its setting, device and the commands that wrote it
 RUN_FILE = "fidelity_run.json"
 #: the report files a run writes and ``--publish`` copies
-REPORT_FILES = ("fidelity.csv", "fidelity_runs.csv", "fidelity.md", "drift.json")
+REPORT_FILES = ("fidelity.csv", "fidelity_runs.csv", "fidelity.md", "drift.json", "load.json")
 
 
 def default_out_dir(setting: str, now: datetime | None = None) -> Path:
@@ -144,6 +164,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="a config directory of your own, passed to every command (Hydra's --config-dir)")
     ap.add_argument("--calibrate-override", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for both calibrations only (repeatable), e.g. threads=2 or gpu=h100-sxm")
+    ap.add_argument("--tables", default=None, metavar="DIR",
+                    help="one calibration, made beforehand, for every policy (no per-policy calibration and no "
+                         "drift measurement): for a short run, e.g. on a GPU lent for minutes")
+    ap.add_argument("--target", type=float, default=None,
+                    help="the relative error the target rows must stay within (default 0.15 on cpu, 0.05 on cuda)")
+    ap.add_argument("--no-in-situ", action="store_true",
+                    help="skip the in-situ diagnostic (one more simulation per policy)")
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)   # the old name of --out: refused below
     ap.add_argument("overrides", nargs="*", help="more key=value overrides for the simulation and the replay")
     return ap
@@ -220,21 +247,34 @@ def main(argv: list[str] | None = None) -> None:
         config_dir = [f"--config-dir={cd}"]
     common = [f"+fidelity={a.setting}", *a.overrides]
     model = load_config(common, config_dir=a.config_dir).model.name   # a bad setting fails here, before any run
+    tables = None
+    if a.tables is not None:
+        tables = Path(a.tables).expanduser().resolve()
+        if not (tables / "metadata.json").is_file():
+            ap.error(f"--tables {a.tables}: {tables} is not a cost-table directory (no metadata.json)")
     work.mkdir(parents=True, exist_ok=True)
     _record_run(work, a, argv)
     print(f"fidelity: writing to {work}", flush=True)
     log = work / "fidelity.log"
-    rows, drift = [], {}
+    rows, drift, load = [], {}, {}
     for policy in policies:
         pdir = work / policy
         shutil.rmtree(pdir, ignore_errors=True)
         cal, after = pdir / "calibration", pdir / "calibration_after"
         calibrate = [py, "-m", "calibrate", *config_dir, f"model={model}", f"device={a.device}", "progress_bar=false",
                      *a.calibrate_override]
-        _run([*calibrate, f"out={cal}"], log)
+        if tables is None:
+            _run([*calibrate, f"out={cal}"], log)
+        else:   # its provenance beside the policy's results, as a calibration of its own would be
+            cal.mkdir(parents=True)
+            for name in ("metadata.json", "refine.json"):
+                if (tables / name).exists():
+                    shutil.copy(tables / name, cal / name)
+            cal = tables
         extra = [*policy_overrides(policy), f"costs.path={cal}"]
         _run([py, "-m", "simcolo", *config_dir, *common, *extra, "metrics.quiet=true",
               f"hydra.run.dir={pdir / 'sim'}"], log)
+        load[policy] = {"before": _load_average()}
         for k in range(1, a.repeats + 1):
             rep = pdir / f"replay_{k}"
             _run([py, "-m", "simcolo.replay", *config_dir, *common, *extra, f"device={a.device}",
@@ -247,10 +287,14 @@ def main(argv: list[str] | None = None) -> None:
             df.insert(0, "repeat", k)
             df.insert(0, "policy", policy)
             rows.append(df)
-        _run([*calibrate, f"out={after}", f"measure=[{','.join(DRIFT_TABLES)}]"], log)
-        drift[policy] = calibration_drift(cal, after)
-        # the same simulation on tables rescaled by what the replays measured in situ: what is left is
-        # the simulator's own error (scheduling, interference, queueing), not the tables' or the machine's
+        load[policy]["after"] = _load_average()
+        if tables is None:
+            _run([*calibrate, f"out={after}", f"measure=[{','.join(DRIFT_TABLES)}]", "engine_run.enabled=false"], log)
+            drift[policy] = calibration_drift(cal, after)
+        if a.no_in_situ:
+            continue
+        # diagnostic only: the same simulation on tables rescaled by what the replays measured in situ;
+        # what is left is the simulator's own error (scheduling, interference, queueing), not the tables'
         ratios = pd.concat(r for r in rows if r.policy.iloc[0] == policy)
         ratios = ratios[ratios.metric.isin(IN_SITU)].groupby("metric").measured.median().to_dict()
         corrected = pdir / "calibration_in_situ"
@@ -268,20 +312,24 @@ def main(argv: list[str] | None = None) -> None:
         earlier = pd.read_csv(work / "fidelity_runs.csv")
         runs = pd.concat([earlier[~earlier.policy.isin(policies)], runs], ignore_index=True)
         kept = json.loads((work / "drift.json").read_text()) if (work / "drift.json").exists() else {}
-        drift = {**{p: d for p, d in kept.items() if p not in drift}, **drift}
-    write_report(work, runs, drift, a)
+        drift = {**{p: d for p, d in kept.items() if p not in policies}, **drift}
+        kept = json.loads((work / "load.json").read_text()) if (work / "load.json").exists() else {}
+        load = {**{p: d for p, d in kept.items() if p not in policies}, **load}
+    write_report(work, runs, drift, a, load)
     if publish is not None:
         publish_report(work, publish)
     print(f"fidelity: report in {work / 'fidelity.md'}")
 
 
-def write_report(work: Path, runs: pd.DataFrame, drift: dict, a) -> None:
-    """The run's report from every replay's comparison rows (``runs``) and the calibration drift."""
+def write_report(work: Path, runs: pd.DataFrame, drift: dict, a, load: dict | None = None) -> None:
+    """The run's report from every replay's comparison rows (``runs``), the calibration drift and the
+    machine's load averages."""
     runs.to_csv(work / "fidelity_runs.csv", index=False)
     table = _aggregate(runs)
     table.to_csv(work / "fidelity.csv", index=False)
     (work / "drift.json").write_text(json.dumps(drift, indent=2))
-    md = _markdown(table, drift, a)
+    (work / "load.json").write_text(json.dumps(load or {}, indent=2))
+    md = _markdown(table, drift, a, load or {})
     (work / "fidelity.md").write_text(md)
     print(md)
 
@@ -299,30 +347,80 @@ def _aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _markdown(table: pd.DataFrame, drift: dict, a) -> str:
+def target_rows(table: pd.DataFrame, device: str) -> dict[str, list[str]]:
+    """Per policy, the report rows its target names: mean TTFT and TPOT (on CUDA also their p90) and the
+    training step time where the policy has one, else its training tokens/s (none without training)."""
+    out = {}
+    for policy, g in table.groupby("policy", sort=False):
+        have = set(g.metric)
+        rows = ["ttft_mean_s", "tpot_mean_s"] + (["ttft_p90_s", "tpot_p90_s"] if device == "cuda" else [])
+        if device == "cuda" and "train_tokens_per_s" in have:
+            rows.append("train_tokens_per_s")
+        elif "train_step_time_s" in have:
+            rows.append("train_step_time_s")
+        elif "train_tokens_per_s" in have:
+            rows.append("train_tokens_per_s")
+        out[policy] = [r for r in rows if r in have]
+    return out
+
+
+def target_verdicts(table: pd.DataFrame, device: str, target: float) -> dict[str, list[str]]:
+    """Per policy, the target rows whose error exceeds ``target`` (empty: the policy meets it)."""
+    err = table.set_index(["policy", "metric"]).rel_err
+    return {p: [m for m in rows if not err[(p, m)] <= target] for p, rows in target_rows(table, device).items()}
+
+
+def _target(a) -> float:
+    return a.target if a.target is not None else (0.05 if a.device == "cuda" else 0.15)
+
+
+def _markdown(table: pd.DataFrame, drift: dict, a, load: dict) -> str:
     repeats = sorted(set(table.repeats))
+    target = _target(a)
+    checked = target_rows(table, a.device)
+    cal = (f"one calibration made beforehand (`--tables`)" if getattr(a, "tables", None) else
+           "a calibration made just before each policy (`python -m calibrate`: the kernel sweep fitted to a short "
+           "live run of the engine)")
     lines = [(f"Setting `{a.setting}` on `{a.device}`, {'/'.join(map(str, repeats))} replays per policy "
               f"(`python -m simcolo.replay.fidelity --setting {a.setting} --device {a.device} --repeats {a.repeats}`). "
-              f"*simulated*: on the calibration made just before; *in-situ tables*: the same simulation with the "
-              f"prefill, decode and training tables rescaled by what the replays measured for the same work "
-              f"(below), which leaves the simulator's own error."), "",
-             ("| policy | metric | simulated | measured (median) | rel. error | single replays | "
-              "rel. error, in-situ tables |"), "|---|---|---:|---:|---:|---:|---:|"]
-    in_situ = table.set_index(["policy", "metric"])
+              f"*simulated*: on {cal}, as made: no table is rescaled after the fact. *target*: "
+              f"{target:.0%} on the rows marked."), "",
+             "| policy | metric | simulated | measured (median) | rel. error | single replays | target |",
+             "|---|---|---:|---:|---:|---:|:---:|"]
     for r in table[table.metric.isin(REPORT_ROWS)].itertuples():
-        key = (r.policy, r.metric + IN_SITU_SUFFIX)
-        corrected = f"{in_situ.loc[key, 'rel_err']:.1%}" if key in in_situ.index else ""
+        mark = ("yes" if r.rel_err <= target else "**no**") if r.metric in checked.get(r.policy, []) else ""
         lines.append(f"| {r.policy} | {r.metric} | {r.simulated:.4g} | {r.measured_median:.4g} | {r.rel_err:.1%} | "
-                     f"{r.rel_err_min:.0%}–{r.rel_err_max:.0%} | {corrected} |")
-    lines += ["", ("In the replays themselves, measured / predicted time of the same batches and tasks (median over "
-                   "replays; a serving iteration with training beside it is predicted with the interference table's "
-                   "slowdown, as the simulator does; training counts work that ran with serving idle):"), ""]
-    for policy, g in table[table.metric.isin(IN_SITU)].groupby("policy", sort=False):
-        lines.append(f"- {policy}: " + ", ".join(f"{r.metric.removeprefix('replay_').removesuffix('_time_over_table')}"
-                                                 f" {r.measured_median:.2f}x" for r in g.itertuples()))
-    lines += ["", "Calibration drift while replaying (the same points measured again after the replays):", ""]
-    for policy, d in drift.items():
-        lines.append(f"- {policy}: " + ", ".join(f"{t} {v:+.1%}" for t, v in d.items()))
+                     f"{r.rel_err_min:.0%}–{r.rel_err_max:.0%} | {mark} |")
+    verdicts = target_verdicts(table, a.device, target)
+    met = [p for p, bad in verdicts.items() if not bad]
+    lines += ["", f"Target {target:.0%} ({', '.join(sorted({m for rows in checked.values() for m in rows}))}): met by "
+                  f"{len(met)} of {len(verdicts)} policies" + (f" ({', '.join(met)})" if met else "") + "."]
+    for p, bad in verdicts.items():
+        if bad:
+            lines.append(f"- {p}: not within {target:.0%} on {', '.join(bad)}")
+    if load:
+        lines += ["", "Machine load around each policy's replays (1, 5, 15 min load averages, before → after):", ""]
+        for p, l in load.items():
+            lines.append(f"- {p}: {'/'.join(map(str, l.get('before', [])))} → {'/'.join(map(str, l.get('after', [])))}")
+    in_situ = table.set_index(["policy", "metric"])
+    ratios = table[table.metric.isin(IN_SITU)]
+    if len(ratios):
+        lines += ["", "**Diagnostic only** (not the fidelity figures above). In the replays themselves, measured / "
+                      "predicted time of the same batches and tasks (median over replays; a serving iteration with "
+                      "training beside it is predicted with the interference table's slowdown, as the simulator "
+                      "does; training counts work that ran with serving idle), and the error of the same simulation "
+                      "re-run on tables rescaled by those ratios (\"in-situ tables\": what is left is the "
+                      "simulator's own error):", ""]
+        for policy, g in ratios.groupby("policy", sort=False):
+            rescaled = [f"{m} {in_situ.loc[(policy, m + IN_SITU_SUFFIX), 'rel_err']:.1%}" for m in checked.get(policy, [])
+                        if (policy, m + IN_SITU_SUFFIX) in in_situ.index]
+            lines.append(f"- {policy}: " + ", ".join(f"{r.metric.removeprefix('replay_').removesuffix('_time_over_table')}"
+                                                     f" {r.measured_median:.2f}x" for r in g.itertuples())
+                         + (f"; in-situ tables: {', '.join(rescaled)}" if rescaled else ""))
+    if drift:
+        lines += ["", "Calibration drift while replaying (the same kernel points measured again after the replays):", ""]
+        for policy, d in drift.items():
+            lines.append(f"- {policy}: " + ", ".join(f"{t} {v:+.1%}" for t, v in d.items()))
     return "\n".join(lines) + "\n"
 
 
@@ -345,7 +443,11 @@ def publish_report(work: Path, out: Path) -> None:
         for old in [*dst.glob("compare_*.csv"), *dst.glob("replay_*_summary.json")]:
             old.unlink()
         shutil.copy(src / "sim" / "summary.json", dst / "sim_summary.json")
-        shutil.copy(src / "calibration" / "metadata.json", dst / "calibration_metadata.json")
+        calibration = src / "calibration" if (src / "calibration").is_dir() else None
+        if calibration is not None:
+            shutil.copy(calibration / "metadata.json", dst / "calibration_metadata.json")
+            if (calibration / "refine.json").exists():
+                shutil.copy(calibration / "refine.json", dst / "calibration_engine_fit.json")
         replays = sorted((d for d in src.glob("replay_*") if (d / "compare.csv").exists()),
                          key=lambda d: int(d.name.removeprefix("replay_")))
         for rep in replays:

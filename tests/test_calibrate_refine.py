@@ -1,0 +1,112 @@
+"""Calibration in the engine's conditions and ``calibrate.refine``, on this machine: the session's real CPU
+calibration (``conftest.cpu_calibration``: the kernel sweep, then a live run of the replay engine, then the
+tables fitted to its iterations) and its engine run, a real replay with a real iteration log."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibrate.refine import fit_law, iteration_kind, KINDS, refine, wake_up
+from simcolo.costs import CostModel
+from simcolo.paths import PROJECT_ROOT
+
+
+def test_the_calibration_is_the_kernel_sweep_fitted_to_the_engine_run(cpu_calibration):
+    out = cpu_calibration[0]
+    meta = json.loads((out / "metadata.json").read_text())
+    kernel = out / "kernel"
+    CostModel.load(kernel)
+    assert json.loads((kernel / "metadata.json").read_text()).get("refined") is None
+    run = out / "engine_run"
+    it = pd.read_parquet(run / "iterations.parquet")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["backend"] == "replay" and summary["policy"] == "mix_rr" and summary["replay_failed"] == ""
+    assert not (run / "gpus.parquet").exists() and not (run / "plots").exists()   # small files only
+    refined = meta["refined"]
+    assert refined["base"] == str(kernel.resolve()) and refined["runs"] == [str(run.resolve())]
+    assert "engine" in meta["method"]
+    # each table is the sweep's times the engine's measured / predicted time of the same work (a prefill
+    # that woke an idle instance counted from its request's arrival)
+    wake = wake_up(it, pd.read_parquet(run / "requests.parquet"))
+    assert (wake >= 0).all() and (wake[(it.prefill_seqs == 0).to_numpy()] == 0).all() and wake.max() > 0
+    solo = it.assign(wake=wake)[~it.training_beside]
+    for kind in KINDS:
+        rows = solo[iteration_kind(solo) == kind]
+        scale = refined["laws"][kind]["scale"]
+        assert refined["laws"][kind]["iterations"] == len(rows) > 0
+        assert scale == pytest.approx((rows.end_s - rows.start_s + rows.wake).sum() / rows.predicted_s.sum(),
+                                      rel=1e-9)
+        a, b = pd.read_csv(kernel / f"{kind}.csv"), pd.read_csv(out / f"{kind}.csv")
+        assert np.allclose(b.latency_s, scale * a.latency_s, rtol=1e-5)
+    train = refined["train_factors"]["train_stage"]
+    assert train == pytest.approx(summary["replay_train_time_over_table"])
+    a, b = pd.read_csv(kernel / "train_stage.csv"), pd.read_csv(out / "train_stage.csv")
+    assert np.allclose(b.latency_s, train * a.latency_s, rtol=1e-5)
+    assert pd.read_csv(kernel / "interference.csv").equals(pd.read_csv(out / "interference.csv"))
+
+
+def test_refine_on_a_replay_of_this_machine_lowers_the_held_out_error(cpu_calibration, tmp_path):
+    """The engine run is a replay on the sweep's tables (``kernel/``): refining from it must predict the
+    iterations it did not see better than the tables it ran on."""
+    out = cpu_calibration[0]
+    proc = subprocess.run([sys.executable, "-m", "calibrate.refine", str(out / "engine_run"), "--out",
+                           str(tmp_path / "refined")], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("heldout_total_rel_err_before=")
+    report = json.loads((tmp_path / "refined" / "refine.json").read_text())
+    assert report["base"] == str((out / "kernel").resolve())      # the run's own costs.path
+    for kind in KINDS:
+        e = report["held_out"][kind]
+        assert e["before"]["iterations"] == e["after"]["iterations"] > 0
+        print(kind, e)                                             # the figures, for the log
+    decode = report["held_out"]["decode"]        # thousands of iterations: the hot loop's bias shows
+    assert decode["after"]["total_rel_err"] < decode["before"]["total_rel_err"]
+    cm = CostModel.load(tmp_path / "refined")
+    assert cm.metadata["refined"]["held_out"] == report["held_out"]
+    # tables twice too fast, as a calibration on another machine might be: both kinds' error falls, and
+    # the command's last line says so
+    from simcolo.replay.fidelity import rescale_tables
+
+    rescale_tables(out / "kernel", tmp_path / "fast", {"replay_prefill_time_over_table": 0.5,
+                                                       "replay_decode_time_over_table": 0.5})
+    proc = subprocess.run([sys.executable, "-m", "calibrate.refine", str(out / "engine_run"), "--tables",
+                           str(tmp_path / "fast"), "--out", str(tmp_path / "refined_fast")], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    before, after = (float(p.split("=")[1]) for p in proc.stdout.strip().splitlines()[-1].split())
+    assert after < before
+
+
+def test_fit_law_makes_the_totals_agree():
+    predicted = np.array([1e-3, 2e-3, 4e-3, 8e-3])
+    measured = np.array([1.5e-3, 2.8e-3, 6.4e-3, 10e-3])
+    law = fit_law(predicted, measured)
+    assert law.iterations == 4
+    assert law(predicted).sum() == pytest.approx(measured.sum())
+    assert fit_law(np.array([]), np.array([])).scale == 1.0
+
+
+def test_refine_refuses_what_is_not_a_replay(tmp_path, cpu_calibration):
+    proc = subprocess.run([sys.executable, "-m", "calibrate.refine", str(tmp_path), "--out", str(tmp_path / "o")],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not (tmp_path / "o").exists()
+    assert proc.stderr.strip() == (f"calibrate.refine: error: {tmp_path}: no iterations.parquet; expected the "
+                                   "directory of a live replay (python -m simcolo.replay ... hydra.run.dir=DIR)")
+    run = cpu_calibration[0] / "engine_run"
+    proc = subprocess.run([sys.executable, "-m", "calibrate.refine", str(run), "--tables", str(tmp_path),
+                           "--out", str(tmp_path / "o")], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a cost-table directory" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_refine_in_process_writes_loadable_tables(cpu_calibration, tmp_path):
+    out = cpu_calibration[0]
+    report = refine([out / "engine_run"], tmp_path / "r", quiet=True)
+    cm = CostModel.load(tmp_path / "r")
+    base = CostModel.load(out / "kernel")
+    scale = report["laws"]["decode"]["scale"]
+    assert cm.decode_s(4, 4 * 128) == pytest.approx(scale * base.decode_s(4, 4 * 128), rel=1e-5)
