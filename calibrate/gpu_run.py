@@ -17,7 +17,7 @@ summaries, comparisons), ``refined/`` (``refine.json``), ``environment.json`` (G
 ``gpu_run.log`` (every command and its output). The replays' own directories (parquet files) stay in
 ``--work`` (default: a temporary directory), outside OUT.
 
-``--dry-run`` does the same on the CPU with the tiny model, small grids and a 3-second slice: what the
+``--dry-run`` does the same on the CPU with the tiny model, small grids and a 1.5-second slice: what the
 tests run, so that the script cannot rot.
 
 The GPU machine may lack packages the project needs (simpy, hydra-core, omegaconf, antlr4): carry them as
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     info = environment()
     if a.dry_run:
         device, model, setting, gpu, profile_over = "cpu", "tiny", "cpu_tiny", "cpu", DRY_CALIBRATION
-        slice_over = ["workload.end_s=6"]          # 3 s of the CPU setting's trace (played at 2x)
+        slice_over = ["workload.end_s=3"]          # 1.5 s of the CPU setting's trace (played at 2x)
         fidelity_over = ["--no-in-situ"]
     else:
         if "device_name" not in info:

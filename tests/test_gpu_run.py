@@ -1,6 +1,7 @@
 """``python -m calibrate.gpu_run``: the one-command GPU check, end to end in its CPU dry run (the tiny
-model, small grids, a 3-second slice of the CPU fidelity setting), so that it cannot rot while no GPU is
-lent."""
+model, small grids, a 1.5-second slice of the CPU fidelity setting), so that it cannot rot while no GPU is
+lent. The test replays two of the four policies (serving alone, and harli's two-GPU layout on the CPU):
+the others' live paths are the replay tests' (tests/test_replay_policies.py); the script's steps are the same."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import pytest
 
 from simcolo.paths import PROJECT_ROOT
 
-POLICIES = ("least_outstanding", "isolated", "lemix", "harli")
+POLICIES = ("least_outstanding", "harli")
 
 
 def _gpu_run(*args, cwd=PROJECT_ROOT, timeout=600) -> subprocess.CompletedProcess:
@@ -23,7 +24,7 @@ def _gpu_run(*args, cwd=PROJECT_ROOT, timeout=600) -> subprocess.CompletedProces
 @pytest.mark.slow
 def test_the_dry_run_calibrates_reports_replays_and_refines(tmp_path):
     out = tmp_path / "out"
-    proc = _gpu_run(out, "--dry-run", cwd=tmp_path)          # from anywhere: the checkout's packages
+    proc = _gpu_run(out, "--dry-run", "--policies", ",".join(POLICIES), cwd=tmp_path)   # from anywhere
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     env = json.loads((out / "environment.json").read_text())
     assert (env["device"], env["model"], env["setting"], env["gpu_spec"]) == ("cpu", "tiny", "cpu_tiny", "cpu")
