@@ -74,16 +74,26 @@ class Harli(_FinetuneBase):
 
     def plan_finetune(self, state, predictor, running_micro_batch):
         mb = running_micro_batch or self._mb_limit(state, predictor)
+        if mb <= 0 or state.decode_batch == 0:
+            return self._plan_without_decode(predictor, mb, running_micro_batch)
+        solo = predictor.decode_solo_s(state.decode_batch, self._kv(state))
+        return self._first_feasible(predictor, solo, predictor.tpot_slo_s, self._by_rate(predictor), mb,
+                                    running_micro_batch)
+
+    def _plan_without_decode(self, predictor, mb: int, running_micro_batch):
+        """The plan when memory allows no micro-batch (``mb`` 0: none) or no decode batch runs (the finetune
+        gets every SM)."""
         if mb <= 0:
             return None, 0, 0.0
-        if state.decode_batch == 0:
-            return None, (mb if running_micro_batch else self._most_efficient_micro_batch(predictor, mb)), 0.0
-        solo = predictor.decode_solo_s(state.decode_batch, self._kv(state))
-        slo = predictor.tpot_slo_s
-        # finetune throughput ~ lora_rate(share): the first feasible share in decreasing-rate order
-        for share, slowdown in self._by_rate(predictor):
+        return None, (mb if running_micro_batch else self._most_efficient_micro_batch(predictor, mb)), 0.0
+
+    def _first_feasible(self, predictor, solo: float, target: float, candidates, mb: int, running_micro_batch):
+        """The search: finetune throughput ~ lora_rate(share), so the first (share, decode slowdown) of
+        ``candidates`` (in decreasing-rate order) whose predicted co-run decode iteration ``solo x slowdown``
+        is within ``target``; none feasible: micro-batch 0 (the finetune yields)."""
+        for share, slowdown in candidates:
             predicted = solo * slowdown
-            if predicted <= slo:
+            if predicted <= target:
                 if not running_micro_batch:
                     mb = self._most_efficient_micro_batch(predictor, mb)
                 return share, mb, predicted

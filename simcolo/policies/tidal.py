@@ -252,10 +252,8 @@ class Tidal(Harli):
     # ------------------------------------------------------------------ LoRA on decode GPUs
     def plan_finetune(self, state, predictor, running_micro_batch):
         mb = running_micro_batch or self._mb_limit(state, predictor)
-        if mb <= 0:
-            return None, 0, 0.0
-        if state.decode_batch == 0:
-            return None, (mb if running_micro_batch else self._most_efficient_micro_batch(predictor, mb)), 0.0
+        if mb <= 0 or state.decode_batch == 0:
+            return self._plan_without_decode(predictor, mb, running_micro_batch)
         now = self.clock
         k = self.intensity(now)
         target = predictor.tpot_slo_s * (1.0 - (1.0 - k) * (1.0 - MIN_MARGIN))
@@ -263,13 +261,8 @@ class Tidal(Harli):
         batch = max(state.decode_batch, math.ceil(state.decode_batch * rise))
         kv = state.decode_kv_tokens * batch / state.decode_batch + batch * self.lookahead
         solo = predictor.decode_solo_s(batch, int(kv))
-        for share, slowdown in self._by_rate_with_streams(predictor):
-            predicted = solo * slowdown
-            if predicted <= target:
-                if not running_micro_batch:
-                    mb = self._most_efficient_micro_batch(predictor, mb)
-                return share, mb, predicted
-        return None, 0, solo * predictor.decode_slowdown(SHARES[-1])
+        return self._first_feasible(predictor, solo, target, self._by_rate_with_streams(predictor), mb,
+                                    running_micro_batch)
 
     def _by_rate_with_streams(self, predictor) -> list[tuple[float | None, float]]:
         """Harli's (share, decode slowdown) candidates by finetune rate, plain streams (None) among them
