@@ -72,8 +72,10 @@ def test_refine_on_a_replay_of_this_machine_lowers_the_held_out_error(cpu_calibr
         assert decode["after"]["total_rel_err"] < decode["before"]["total_rel_err"]
     cm = CostModel.load(tmp_path / "refined")
     assert cm.metadata["refined"]["held_out"] == report["held_out"]
-    # tables twice too fast, as a calibration on another machine might be: both kinds' error falls, and
-    # the command's last line says so
+    # tables twice too fast, as a calibration on another machine might be: the decode error falls (its
+    # thousands of iterations fill both halves of the held-out split), the prefill error does not rise (a
+    # 5 s run's dozen prefills may all land in one half, leaving nothing to fit), and the command's last
+    # line says the total did not rise
     from simcolo.replay.fidelity import rescale_tables
 
     rescale_tables(out / "kernel", tmp_path / "fast", {"replay_prefill_time_over_table": 0.5,
@@ -83,7 +85,10 @@ def test_refine_on_a_replay_of_this_machine_lowers_the_held_out_error(cpu_calibr
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     before, after = (float(p.split("=")[1]) for p in proc.stdout.strip().splitlines()[-1].split())
-    assert after < before
+    assert after <= before
+    fast = json.loads((tmp_path / "refined_fast" / "refine.json").read_text())["held_out"]
+    assert fast["decode"]["after"]["total_rel_err"] < 0.5 * fast["decode"]["before"]["total_rel_err"]
+    assert fast["prefill"]["after"]["total_rel_err"] <= fast["prefill"]["before"]["total_rel_err"]
 
 
 def test_fit_law_makes_the_totals_agree():
