@@ -28,7 +28,8 @@ import tempfile
 import time
 from collections import deque
 
-COLOCATED_POLICIES = ("isolated", "mix_rr", "mix_luf", "mix_random", "lemix", "harli", "static_share", "flexllm")
+COLOCATED_POLICIES = ("isolated", "mix_rr", "mix_luf", "mix_random", "lemix", "harli", "static_share", "flexllm", "tidal",
+                      "tidal_lora")
 _SPARSE_WEEK = ["cluster=h100x8", "workload=poisson", "workload.rate_rps=0.000165", "workload.num_requests=100",
                 "metrics.timeline_interval_s=600"]
 

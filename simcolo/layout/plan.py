@@ -323,7 +323,7 @@ def _isolated(run: RunConfig, policy, topology: Topology) -> LayoutPlan:
     link = max((_activation_link_s(run, topology, g[0], g[1]) if len(g) > 1 else 0.0) for g in groups)
     if dp > 1:
         bw = min(topology.link(groups[0][0], g[0]).bandwidth_bytes_per_s for g in groups[1:])
-        allreduce = 2 * (dp - 1) / dp * max(m.gradient_bytes for m in mem) / bw
+        allreduce = 2 * (dp - 1) / dp * max(m.trained_bytes for m in mem) / bw
     else:
         allreduce = 0.0
     link0 = topology.link(groups[0][0], 0)

@@ -55,6 +55,13 @@ class _FinetuneBase(FinetunePolicy):
         return state.decode_kv_tokens + state.decode_batch * self.lookahead
 
 
+def ranked_by_rate(predictor, shares) -> list:
+    """(share, decode slowdown) of ``shares`` ordered by finetune rate, highest first (ties: the larger
+    decode share; ``None``, plain streams, counts as the whole GPU)."""
+    ranked = sorted(shares, key=lambda sh: (-predictor.lora_rate(sh), -(1.0 if sh is None else sh)))
+    return [(sh, predictor.decode_slowdown(sh)) for sh in ranked]
+
+
 class Harli(_FinetuneBase):
     name = "harli"
 
@@ -101,11 +108,9 @@ class Harli(_FinetuneBase):
 
     def _by_rate(self, predictor) -> list[tuple[float, float]]:
         """(share, decode slowdown) ordered by finetune rate, highest first (ties: larger decode share)."""
-        order = self._order
-        if order is None:
-            ranked = sorted(SHARES, key=lambda sh: (-predictor.lora_rate(sh), -sh))
-            order = self._order = [(sh, predictor.decode_slowdown(sh)) for sh in ranked]
-        return order
+        if self._order is None:
+            self._order = ranked_by_rate(predictor, SHARES)
+        return self._order
 
 
 class StaticShare(_FinetuneBase):

@@ -61,7 +61,7 @@ import numpy as np
 from simcolo.errors import ConfigError, TableError
 from simcolo.policies.base import knobs
 from simcolo.policies.forecast import TwoScaleForecaster
-from simcolo.policies.harli import SHARES, Harli
+from simcolo.policies.harli import SHARES, Harli, ranked_by_rate
 from simcolo.policies.lemix import LeMix, predict_training
 
 #: training.kind -> the layout tidal builds
@@ -275,6 +275,5 @@ class Tidal(Harli):
                 shares.append(None)
             except TableError:
                 pass
-            ranked = sorted(shares, key=lambda sh: (-predictor.lora_rate(sh), -(1.0 if sh is None else sh)))
-            order = self._candidates = [(sh, predictor.decode_slowdown(sh)) for sh in ranked]
+            order = self._candidates = ranked_by_rate(predictor, shares)
         return order

@@ -41,8 +41,8 @@ class StageMemory:
     weights_bytes: float       # the stage's weights (shared with a co-located serving replica)
     state_bytes: float         # gradients + optimizer state (+ master copy), beyond the weights
     activation_bytes: float    # held by one micro-batch from its forward to its backward
-    gradient_bytes: float      # what a data-parallel all-reduce sums (bf16 gradients of what trains)
-    trained_bytes: float       # what a weight sync sends to serving (the bf16 parameters that train)
+    trained_bytes: float       # bf16 bytes of what trains: a data-parallel all-reduce sums its gradients,
+                               # a weight sync sends it to serving
 
 
 def full_training_stage_memory(model: ModelSpec, num_stages: int, stage: int, micro_batch: int, seq_len: int,
@@ -66,7 +66,7 @@ def full_training_stage_memory(model: ModelSpec, num_stages: int, stage: int, mi
         logit_tokens = tokens
     if stage == num_stages - 1:
         act += 2 * 4 * logit_tokens * model.vocab_size
-    return StageMemory(weights, max(0.0, params * state_bytes_per_param - weights), float(act), weights, weights)
+    return StageMemory(weights, max(0.0, params * state_bytes_per_param - weights), float(act), weights)
 
 
 def lora_stage_memory(model: ModelSpec, num_stages: int, stage: int, rank: int, micro_batch: int,
@@ -78,7 +78,7 @@ def lora_stage_memory(model: ModelSpec, num_stages: int, stage: int, rank: int, 
     full = full_training_stage_memory(model, num_stages, stage, micro_batch, seq_len, model.dtype_bytes)
     adapter = stage_layer_count(model, num_stages, stage) * lora_params_per_layer(model, rank)
     trained = adapter * model.dtype_bytes
-    return StageMemory(full.weights_bytes, adapter * 12.0, full.activation_bytes, trained, trained)
+    return StageMemory(full.weights_bytes, adapter * 12.0, full.activation_bytes, trained)
 
 
 def stage_matmul_fraction(model: ModelSpec, num_stages: int, stage: int) -> float:
