@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from simcolo.training.learning_curve import LearningCurve
@@ -24,17 +25,35 @@ class TrainingRecords:
     """One row per optimizer step: when, which trainer, the version it made, what it trained.
 
     ``start_s`` is when the step's work began for isolated steps and finetune steps; a co-located
-    node's steps overlap (tasks stream through its pipeline), so there it is NaN."""
+    node's steps overlap (tasks stream through its pipeline), so there it is NaN. Steps a trainer
+    advanced in closed form arrive in blocks (``add_steps``, arrays); the frame is in the order the steps
+    ended."""
     rows: list[tuple] = field(default_factory=list)
+    blocks: list[dict] = field(default_factory=list)
     COLUMNS = ("trainer", "version", "start_s", "end_s", "tasks", "tokens")
 
     def add(self, trainer: int, version: int, start_s: float, end_s: float, tasks: int, tokens: int) -> None:
         self.rows.append((trainer, version, start_s, end_s, tasks, tokens))
 
+    def __len__(self) -> int:
+        return len(self.rows) + sum(len(b["end_s"]) for b in self.blocks)
+
+    def add_steps(self, trainer: int, first_version: int, start_s: np.ndarray, end_s: np.ndarray, tasks: int,
+                  tokens: np.ndarray) -> None:
+        """Steps ``first_version``, ``first_version + 1``, ... of ``trainer``, one per array element."""
+        n = len(end_s)
+        self.blocks.append({"trainer": np.full(n, trainer), "version": np.arange(first_version, first_version + n),
+                            "start_s": start_s, "end_s": end_s, "tasks": np.full(n, tasks), "tokens": tokens})
+
     def frame(self) -> pd.DataFrame:
         df = pd.DataFrame(self.rows, columns=list(self.COLUMNS))
-        return df.astype({"trainer": "int64", "version": "int64", "start_s": "float64", "end_s": "float64",
-                          "tasks": "int64", "tokens": "int64"})
+        if self.blocks:
+            df = pd.concat([df, *(pd.DataFrame(b) for b in self.blocks)], ignore_index=True)
+        df = df.astype({"trainer": "int64", "version": "int64", "start_s": "float64", "end_s": "float64",
+                        "tasks": "int64", "tokens": "int64"})
+        if self.blocks:
+            df = df.sort_values("end_s", kind="stable", ignore_index=True)
+        return df
 
 
 class Backend:

@@ -133,7 +133,7 @@ def test_finetuner_trains_the_adapters_and_steps_every_global_batch():
     assert all(s[1] <= s[2] for s in rig.steps) and rig.steps[0][2] <= rig.steps[1][1]
     assert sorted(t.id for t in rig.tasks_done) == [100, 101, 102, 103]
     assert all(t.finish_s > 0 for t in rig.tasks_done)
-    assert rig.pool.available == 0 and not rig.pool.items
+    assert rig.pool.available == 0 and not rig.pool.tasks
     # the adapters trained (B starts at zero, so a changed B means a real gradient step) ...
     assert all(not torch.equal(a, b) for a, b in zip(before, rig.runner.adapter_params))
     # ... and the served model did not change
@@ -145,7 +145,8 @@ def test_finetuner_trains_the_adapters_and_steps_every_global_batch():
     assert ft.train_busy_s >= ft.solo_s[0]
     assert len(ft.plans) >= 4 and all(p[4] == 2 and p[3] is None for p in ft.plans)
     assert ft.report().sequences_done == 8 and ft.report().counters == {
-        "finetune_aborted_microbatches": 0, "finetune_microbatches": 4, "decode_waits_on_finetune_blocks": 0}
+        "finetune_aborted_microbatches": 0, "finetune_microbatches": 4, "finetune_microbatches_in_chains": 0,
+        "decode_waits_on_finetune_blocks": 0}
     assert ft.sharing_method == "cpu_time_share" and not ft.busy
     assert rig.live.failure is None
 

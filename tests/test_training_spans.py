@@ -1,5 +1,7 @@
-"""Isolated training in closed form: one step's template against the event-by-event pipeline, and runs
-that advance many steps per event against runs with one event per step (the same results, bit for bit)."""
+"""Training in closed form. Isolated: one step's template against the event-by-event pipeline, and runs
+that advance many steps per event against runs with one event per step (the same results, bit for bit).
+Finetuners on idle decode instances: runs whose idle micro-batches advance in chains against runs of one
+micro-batch at a time (the same results, to float rounding), and the counted sequence pool they rest on."""
 import math
 
 import numpy as np
@@ -10,6 +12,8 @@ from conftest import run_sim
 from simcolo.hardware.compute import SharedCompute
 from simcolo.hardware.environment import SimEnvironment
 from simcolo.hardware.memory import MemoryPool
+from simcolo.training.data import TrainTask
+from simcolo.training.lora_finetuner import SequencePool
 from simcolo.training.pipeline import StageSpec, run_step, step_template
 from simcolo.training.schedules import SCHEDULES
 
@@ -88,3 +92,99 @@ def test_steps_run_back_to_back_at_the_template_duration():
     np.testing.assert_allclose(steps.start_s.to_numpy()[1:], steps.end_s.to_numpy()[:-1])
     # every task a step finished was replaced: the backlog stays full
     assert r.summary["train_queued_tasks"] + r.backend.trainer.tasks_per_step == r.backend.training.data.backlog
+
+
+# ---------------------------------------------------------------------- finetuners: idle chains
+#: 20 requests over ~2,000 s on 8 H100s: decode instances idle most of the time, LoRA trained beside
+SPARSE = ["cluster=h100x8", "workload=poisson", "workload.rate_rps=0.01", "workload.num_requests=20",
+          "metrics.timeline_interval_s=60"]
+CHAIN_KEY = "finetune_microbatches_in_chains"
+
+
+def _same_to_rounding(chains, steps):
+    a, b = dict(chains.summary), dict(steps.summary)
+    assert b[CHAIN_KEY] == 0
+    a.pop(CHAIN_KEY), b.pop(CHAIN_KEY)
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, float) and math.isnan(x):
+            assert math.isnan(y), k
+        elif isinstance(x, float):
+            assert x == pytest.approx(y, rel=1e-9, abs=1e-12), k
+        else:
+            assert x == y, k
+    # every optimizer step, made at the same time to rounding, with the same tokens
+    ta, tb = (t.sort_values(["trainer", "version"]).reset_index(drop=True) for t in (chains.training, steps.training))
+    pd.testing.assert_frame_equal(ta.drop(columns=["start_s", "end_s"]), tb.drop(columns=["start_s", "end_s"]))
+    for c in ("start_s", "end_s"):
+        np.testing.assert_allclose(ta[c].to_numpy(), tb[c].to_numpy(), rtol=1e-12)
+    ra, rb = chains.requests(), steps.requests()
+    for c in ra.columns:
+        if ra[c].dtype.kind == "f":
+            np.testing.assert_allclose(ra[c].to_numpy(), rb[c].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=c)
+        else:
+            assert (ra[c] == rb[c]).all(), c
+    la, lb = chains.timeline, steps.timeline
+    assert list(la.columns) == list(lb.columns) and len(la) == len(lb)
+    for c in la.columns:
+        np.testing.assert_allclose(la[c].to_numpy(), lb[c].to_numpy(), rtol=1e-9, atol=1e-9, err_msg=c)
+
+
+@pytest.mark.parametrize("policy", ["harli", "static_share", "flexllm", "tidal_lora"])
+def test_idle_chains_give_the_results_of_one_micro_batch_at_a_time(policy):
+    chains = run_sim(*SPARSE, f"policy={policy}")
+    steps = run_sim(*SPARSE, f"policy={policy}", "sim.training_spans=false")
+    s = chains.summary
+    assert s["optimizer_steps"] > 1000
+    # idle most of the time: most micro-batches ran in chains (the rest beside decode, or cut by it)
+    assert s[CHAIN_KEY] > 0.9 * s["finetune_microbatches"]
+    _same_to_rounding(chains, steps)
+
+
+def test_idle_chains_under_load_give_the_results_of_one_micro_batch_at_a_time():
+    """The conv trace keeps the decode instances busy: chains form in the gaps and end as requests come."""
+    case = ["policy=harli", "cluster=h100x8", "workload.max_requests=1500"]
+    chains = run_sim(*case)
+    assert 0 < chains.summary[CHAIN_KEY] < chains.summary["finetune_microbatches"]
+    _same_to_rounding(chains, run_sim(*case, "sim.training_spans=false"))
+
+
+def test_sequence_pool_hands_out_and_completes_tasks_in_fifo_order_by_count():
+    pool = SequencePool()
+    tasks = [TrainTask(i, 0.0, 4, 16) for i in range(3)]
+    for t in tasks:
+        pool.add(t)
+    assert pool.available == 12
+    a = pool.take(3)                       # sequences 0-2 of task 0
+    b = pool.take(3)                       # sequence 3 of task 0, 0-1 of task 1
+    assert [(t.id, k) for t, k in a] == [(0, 3)] and [(t.id, k) for t, k in b] == [(0, 1), (1, 2)]
+    # b finishes first: 3 sequences trained, counted from the front: task 0 is not covered yet
+    assert pool.finish(b, 1.0) == [] and pool.available == 6
+    pool.put_back(a)                       # a is aborted: its 3 go back
+    assert pool.available == 9
+    c = pool.take(5)
+    assert pool.finish(c, 2.0) == [tasks[0], tasks[1]] and tasks[1].finish_s == 2.0
+    assert list(pool.tasks) == [tasks[2]] and pool.available == 4
+
+
+def test_sequence_pool_recycles_a_backlog_in_bulk_as_one_by_one():
+    def backlog():
+        pool = SequencePool()
+        done = []
+        pool.recycle = done.append
+        for i in range(4):
+            pool.add(TrainTask(i, 0.0, 3, 16))
+        return pool, done
+    bulk, recycled = backlog()
+    bulk.trained_in_bulk(29)               # 9 tasks and 2 sequences of the tenth
+    one, _ = backlog()
+    n = 0
+    for _ in range(29):
+        for task in one.finish(one.take(1), 0.0):
+            n += 1
+            one.add(TrainTask(100 + n, 0.0, 3, 16))   # the backlog's replacement
+    assert recycled == [9] and n == 9
+    assert bulk.available == one.available == 12 - 2
+    assert [t.id for t in bulk.tasks] == [1, 2, 3, 0]   # rotated by 9: the same objects queued again
+    assert bulk.take(5)[0][1] == one.take(5)[0][1] == 1   # both hand out the front task's last sequence first

@@ -82,6 +82,8 @@ class SimBackend(Backend):
     # ------------------------------------------------------------------ LoRA finetuning on decode GPUs
     def _finetune(self, p: FinetunePlan) -> None:
         self.pool = SequencePool()
+        if self.training.data.kind == "backlog":
+            self.pool.recycle = self._tasks_recycled   # a backlog replaces each task done at once
         self.training_parts = [self.pool]
         self.finetuners = []
         for i in p.decoders:
@@ -92,7 +94,9 @@ class SimBackend(Backend):
             k = len(self.finetuners)
             ft = LoraFinetuner(self.env, inst, gpu, self.pool, self.policy, self.plan.predictor, p.seq_len,
                                p.global_batch, p.static_blocks is not None, self._task_done,
-                               lambda v, s, e, tokens, k=k: self.records.add(k, v, s, e, p.global_batch, tokens))
+                               lambda v, s, e, tokens, k=k: self.records.add(k, v, s, e, p.global_batch, tokens),
+                               lambda v, s, e, tokens, k=k: self.records.add_steps(k, v, s, e, p.global_batch, tokens),
+                               chains=self.run.sim.training_spans)
             if p.static_blocks is not None:
                 ft.reserve_static(p.static_blocks)
             self.finetuners.append(ft)
@@ -115,5 +119,4 @@ class SimBackend(Backend):
 
     def close(self, now: float) -> None:
         for trainer in self.trainers:
-            if isinstance(trainer, (NodePipeline, SyncTrainer)):
-                trainer.close(now)
+            trainer.close(now)

@@ -119,8 +119,10 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class SimConfig:
     """The simulated clock (``sim`` in conf/config.yaml): ``max_time_s`` stops it (None: run until every
-    request is done); ``training_spans`` advances isolated training's identical steps many per event
-    (false: one event per step, the same results)."""
+    request is done); ``training_spans`` advances training in closed form where it repeats: isolated
+    training's identical steps many per event, and a finetuner's micro-batches on an idle decode instance
+    as one chain (false: one event per step or micro-batch, the same results; a finetuner's to float
+    rounding)."""
 
     max_time_s: float | None
     training_spans: bool = True

@@ -47,6 +47,9 @@ class SharedCompute:
         # busy seconds up to a time that a closed-form trainer owes the clock (work it runs without kernels
         # on a GPU of its own, see training.sync_trainer); None: none
         self.offline = None
+        # a trainer advancing in closed form on this GPU (``training.lora_finetuner``): settled (its
+        # kernel in progress started) before a resident changes what it runs; None: none
+        self.owed = None
         self.train_busy_s = 0.0  # time with at least one kernel (training) running
 
     # ------------------------------------------------------------------ kernels
@@ -85,6 +88,8 @@ class SharedCompute:
         with its new rate if that changed."""
         if self.residents.get(resident) == kind:
             return
+        if self.owed is not None:
+            self.owed.settle(self.env.now)
         self._charge()
         if kind is None:
             self.residents.pop(resident, None)
@@ -110,6 +115,10 @@ class SharedCompute:
         self._charge()
         setattr(self, name, value)
         self._reschedule()
+
+    def alone_rate(self, kind: str) -> float:
+        """The rate a kernel of ``kind`` runs at alone on this GPU, with the knobs as set now."""
+        return self.interference.rates([kind], self.sm_share)[0]
 
     def _rates(self, kinds: list[str]) -> list[float]:
         n = len(self.running)

@@ -150,7 +150,7 @@ def training_summary(backend, sink, duration_s: float, num_finished: int) -> dic
                  "train_tasks_done": backend.tasks_done,
                  "train_tokens_per_s": sum(r.tokens_done for r in reports) / d if d > 0 else math.nan,
                  "train_samples_per_s": sum(r.sequences_done for r in reports) / d if d > 0 else math.nan,
-                 "optimizer_steps": len(backend.records.rows), "train_tasks_created": backend.stream.created}
+                 "optimizer_steps": len(backend.records), "train_tasks_created": backend.stream.created}
     out.update(training_work(backend, out["train_tokens_per_s"]))
     finished = sink.status_is("finished")
     versions = sink.column("model_version")[finished]

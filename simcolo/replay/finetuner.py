@@ -103,6 +103,7 @@ class LiveFinetuner(FinetunerRules):
         self.tokens_done = 0
         self.sequences_done = 0
         self.aborted_microbatches = 0
+        self.chained_microbatches = 0   # the simulator advances idle micro-batches in closed form; live runs each
         self.train_busy_s = 0.0
         self.solo_s = [0.0, 0.0]
         #: (time, decode batch, KV tokens, knob, micro-batch, predicted co-run decode latency)
@@ -233,7 +234,7 @@ class LiveFinetuner(FinetunerRules):
         self.taken = self.pool.take(mb)
         self._abort_requested = False
         self._phase = "microbatch"
-        return _MicroBatch(mb, self.taken, [(item[0].id, k) for item, k in self.taken], self.live.now,
+        return _MicroBatch(mb, self.taken, [(task.id, k) for task, k in self.taken], self.live.now,
                            self.inst.running_kind is None, self.inst.iterations)
 
     # ------------------------------------------------------------------ the thread

@@ -16,6 +16,9 @@ requests instead). The SM share is re-planned at every decode iteration start (`
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
+
+import numpy as np
 
 from simcolo.hardware.environment import At
 from simcolo.metrics.training_summary import TrainerReport
@@ -24,15 +27,28 @@ from simcolo.training.data import TrainTask
 
 
 class SequencePool:
-    """The finetune jobs' sequences, FIFO, shared by every finetuner."""
+    """The finetune jobs' sequences, shared by every finetuner, counted in FIFO order.
+
+    Sequences are handed out and trained by count: the next ``take`` hands out the sequences after the
+    ones already handed, an aborted micro-batch gives its count back, and a task is done when the
+    sequences trained, counted from the front, cover it (a task whose sequences went to several
+    finetuners is done when as many sequences as the tasks up to it hold have been trained, not when
+    those very sequences have). Counting makes the pool's state a function of how many sequences were
+    taken and trained, whatever the order the finetuners did it in, so a finetuner that advances many
+    micro-batches in closed form (:class:`LoraFinetuner`'s idle chains) settles them in bulk with the same
+    result. With a backlog supply (``recycle`` set) the tasks done in bulk are replaced by equal ones at
+    once (the same objects queued again, as the isolated trainer does)."""
 
     def __init__(self):
-        self.items: deque[list] = deque()   # [task, sequences left to hand out, sequences unfinished]
-        self.available = 0
+        self.tasks: deque[TrainTask] = deque()   # not yet done, FIFO
+        self.available = 0       # sequences not handed out
+        self._handed = 0         # handed out and not finished (past the front's finished ones)
+        self._front_done = 0     # sequences of the front task trained
         self.waiters: list = []
+        self.recycle: Callable[[int], None] | None = None   # backlog: n tasks done and replaced, in bulk
 
     def add(self, task: TrainTask) -> None:
-        self.items.append([task, task.micro_batch, task.micro_batch])
+        self.tasks.append(task)
         self.available += task.micro_batch
         for w in self.waiters:
             w.wake()
@@ -40,35 +56,69 @@ class SequencePool:
     def counters(self) -> dict:
         return {"train_queued_sequences": self.available}
 
-    def take(self, n: int) -> list[list]:
-        """Hand out up to ``n`` sequences; returns [(item, count)]."""
-        out = []
-        for item in self.items:
-            if n == 0:
+    def take(self, n: int) -> list[tuple[TrainTask, int]]:
+        """Hand out up to ``n`` sequences; returns [(task, count)], the tasks they belong to."""
+        k = min(n, self.available)
+        out, skip = [], self._front_done + self._handed
+        for task in self.tasks:
+            if k == 0:
                 break
-            k = min(n, item[1])
-            if k:
-                item[1] -= k
-                n -= k
-                out.append((item, k))
-        self.available -= sum(k for _, k in out)
+            if skip >= task.micro_batch:
+                skip -= task.micro_batch
+                continue
+            c = min(k, task.micro_batch - skip)
+            out.append((task, c))
+            k -= c
+            skip = 0
+        got = sum(c for _, c in out)
+        self.available -= got
+        self._handed += got
         return out
 
     def put_back(self, taken) -> None:
-        for item, k in taken:
-            item[1] += k
-            self.available += k
+        k = sum(c for _, c in taken)
+        self.available += k
+        self._handed -= k
 
     def finish(self, taken, now: float) -> list[TrainTask]:
+        """The sequences of ``taken`` are trained: returns the tasks that completes (finish time ``now``)."""
+        k = sum(c for _, c in taken)
+        self._handed -= k
+        self._front_done += k
         done = []
-        for item, k in taken:
-            item[2] -= k
-            if item[2] == 0:
-                item[0].finish_s = now
-                done.append(item[0])
-        while self.items and self.items[0][2] == 0:
-            self.items.popleft()
+        while self.tasks and self._front_done >= self.tasks[0].micro_batch:
+            task = self.tasks.popleft()
+            self._front_done -= task.micro_batch
+            task.finish_s = now
+            done.append(task)
         return done
+
+    def trained_in_bulk(self, sequences: int) -> None:
+        """A finetuner's chain took and trained ``sequences``, with a backlog supply: every task that
+        completes is replaced by an equal one at once (counted by ``recycle``), so the queue keeps its
+        tasks, rotated."""
+        self._front_done += sequences
+        m = self.tasks[0].micro_batch
+        done = self._front_done // m
+        if done:
+            self._front_done -= done * m
+            self.available += done * m - sequences
+            self.tasks.rotate(-(done % len(self.tasks)))
+            self.recycle(done)
+        else:
+            self.available -= sequences
+
+    def chain_slack(self) -> int:
+        """Sequences the finetuners may hold in flight at once with every take still served in full: with
+        a backlog of B tasks of m sequences, counted in FIFO order, at least B*m - (m - 1) minus those in
+        flight are available whenever a micro-batch is taken."""
+        m = self.tasks[0].micro_batch if self.tasks else 0
+        return len(self.tasks) * m - (m - 1)
+
+    def settle_chains(self, now: float, materialize: bool = True) -> None:
+        """Settle every finetuner advancing in closed form up to ``now`` (see ``LoraFinetuner``)."""
+        for ft in self.waiters:
+            ft.settle(now, materialize)
 
 
 def finetune_state(inst, held_blocks: int) -> FinetuneState:
@@ -88,6 +138,9 @@ def fit_micro_batch(predictor, mb: int, seq_len: int, static_memory: bool, held:
         need = predictor.lora_blocks(mb, seq_len)
     return mb, need
 
+
+#: stands for the kernel while a finetuner advances in closed form (``LoraFinetuner.settle``)
+CHAINED = object()
 
 #: bound on the plans a finetuner keeps (for checks and analysis)
 MAX_PLANS = 100_000
@@ -124,16 +177,18 @@ class FinetunerRules:
     def report(self) -> TrainerReport:
         return TrainerReport(self.sequences_done, self.tokens_done, counters={
             "finetune_aborted_microbatches": self.aborted_microbatches, "finetune_microbatches": self.micro_batches,
+            "finetune_microbatches_in_chains": self.chained_microbatches,
             "decode_waits_on_finetune_blocks": self.inst.waits_on_lent_blocks})
 
 
 class LoraFinetuner(FinetunerRules):
     def __init__(self, env, instance, gpu, pool: SequencePool, policy, predictor, seq_len: int,
-                 global_batch: int, static_memory: bool, on_task_done, on_step):
+                 global_batch: int, static_memory: bool, on_task_done, on_step, on_steps=None, chains: bool = False):
         self.env, self.inst, self.gpu, self.pool = env, instance, gpu, pool
         self.policy, self.predictor = policy, predictor
         self.seq_len, self.global_batch, self.static_memory = seq_len, global_batch, static_memory
         self.on_task_done, self.on_step = on_task_done, on_step
+        self.on_steps = on_steps    # (first version, starts, ends, tokens): steps a chain made, as arrays
         self.kernel = None
         self.taken = None
         self.mb = 0
@@ -143,12 +198,15 @@ class LoraFinetuner(FinetunerRules):
         self.tokens_done = 0
         self.sequences_done = 0
         self.aborted_microbatches = 0
+        self.chained_microbatches = 0   # of them, advanced in closed form (idle chains)
         # every plan asked of the policy: (time, decode batch, KV tokens, share, micro-batch, predicted
         # co-run decode latency); bounded, for checks and analysis
         self.plans: list[tuple[float, int, int, float | None, int, float]] = []
         self._wake_pending = False
         self._finishing = False   # inside _done: it starts the next micro-batch itself, no wake needed
         self._step_start = env.now        # when the current optimizer step's first micro-batch could start
+        self.chains = chains              # advance idle micro-batches in closed form (see ``settle``)
+        self._chain: tuple[float, int, float, float, float] | None = None   # start, r0, d, opt, rate
         self._tokens_at_step = 0
         instance.on_iteration = self._on_iteration
         if not static_memory:
@@ -171,10 +229,14 @@ class LoraFinetuner(FinetunerRules):
 
     def _on_iteration(self, inst, kind: str) -> None:
         """A decode iteration (or run) starts: re-plan the SM split for the micro-batch running."""
+        self.settle(self.env.now)
         self._replan(self.kernel is not None and self.taken is not None, self.kernel is None)
 
     def _try_start(self) -> None:
-        if self.kernel is not None or not self.pool.available:
+        if self.kernel is not None:
+            return
+        if not self.pool.available:
+            self._idle()
             return
         share, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, None)
         mb = min(mb, self.pool.available)
@@ -183,12 +245,16 @@ class LoraFinetuner(FinetunerRules):
         mb, need = fit_micro_batch(self.predictor, mb, self.seq_len, self.static_memory, self.held,
                                    self.inst.lendable_blocks())
         if mb <= 0:
+            self._idle()
             return   # woken again at the next decode iteration or when sequences arrive
         if need:
             self.inst.lend(need)
             self.held += need
         self._apply(share)
         self.mb = mb
+        if self._may_chain(mb):
+            self._start_chain()
+            return
         self.taken = self.pool.take(mb)
         work = self.predictor.lora_step_s(mb, self.seq_len)
         self.kernel = self.gpu.compute.start("lora", work, self._done)
@@ -239,6 +305,7 @@ class LoraFinetuner(FinetunerRules):
 
     def reclaim(self, inst) -> None:
         """Decode needs the blocks: abort the micro-batch in flight and give every block back now."""
+        self.settle(self.env.now)
         self._abort()
         self._release_blocks()
 
@@ -249,3 +316,128 @@ class LoraFinetuner(FinetunerRules):
             self.taken = None
             self.kernel = None
             self.aborted_microbatches += 1
+            self._idle()
+
+    # ------------------------------------------------------------------ idle chains (closed form)
+    # A finetuner on a decode instance with nothing to serve runs the same micro-batch again and again: the
+    # plan of an idle instance is the same each time (a policy's plan for an idle state depends on nothing
+    # else), the kernel runs alone at one rate, and every ``global_batch`` micro-batches the optimizer step
+    # follows. So it advances them in closed form: a *chain* holds where the first micro-batch started, and
+    # the micro-batches and steps done by any time follow by arithmetic. Nothing happens on the clock
+    # until something touches the finetuner (its instance starts an iteration or takes blocks back, the
+    # GPU gets a resident, the run ends): then ``settle`` credits what the chain did by then (sequences,
+    # tasks, steps and their records, busy time) and turns the micro-batch or optimizer step in progress
+    # back into a kernel with the work it has left. The results equal a run micro-batch by micro-batch
+    # (``sim.training_spans=false``) up to float rounding of the summed times (a test compares them).
+    # Conditions, checked as a micro-batch starts: a backlog supply (tasks are replaced in bulk), the
+    # instance idle and alone on its GPU, every other finetuner busy (an idle one is woken by the tasks a
+    # finetuner completes, so while one waits everything runs step by step), and the micro-batches in
+    # flight within the pool's slack (every take is then served in full, as it would be one by one).
+
+    def _may_chain(self, mb: int) -> bool:
+        pool, inst, compute = self.pool, self.inst, self.gpu.compute
+        if not self.chains or pool.recycle is None:
+            return False
+        if inst.running or inst.waiting or inst.prefilling or compute.running or compute.residents:
+            return False
+        in_flight = mb
+        for ft in pool.waiters:
+            if ft is not self:
+                if ft.kernel is None:
+                    return False
+                in_flight += ft.mb
+        return in_flight <= pool.chain_slack()
+
+    def _start_chain(self) -> None:
+        compute = self.gpu.compute
+        rate = compute.alone_rate("lora")
+        self._chain = (self.env.now, self.micro_batches % self.global_batch,
+                       self.predictor.lora_step_s(self.mb, self.seq_len) / rate,
+                       self.predictor.lora_optimizer_s() / rate, rate)
+        self.kernel = CHAINED
+        compute.owed, compute.offline = self, self._chain_busy_s
+
+    def _micro_batch_end(self, j: int) -> float:
+        """When the chain's ``j``-th micro-batch ends (1-based; 0: when the chain began)."""
+        t0, r0, d, opt, _ = self._chain
+        return t0 + j * d + ((r0 + j - 1) // self.global_batch) * opt if j else t0
+
+    def _chain_position(self, now: float) -> tuple[int, int, str, float]:
+        """(micro-batches done, optimizer steps done, what is in progress ("mb" or "opt"), when it began)."""
+        t0, r0, d, opt, _ = self._chain
+        G = self.global_batch
+        lo, hi = 0, int((now - t0) / d) + 1
+        while self._micro_batch_end(hi) <= now:   # float rounding at the edge
+            lo, hi = hi, hi + 1
+        while hi - lo > 1:   # the last micro-batch ended by now: E(lo) <= now < E(hi)
+            mid = (lo + hi) // 2
+            if self._micro_batch_end(mid) <= now:
+                lo = mid
+            else:
+                hi = mid
+        n = lo
+        end = self._micro_batch_end(n)
+        steps = (r0 + n) // G
+        if n and (r0 + n) % G == 0:
+            if end + opt > now:
+                return n, steps - 1, "opt", end
+            end += opt
+        return n, steps, "mb", end
+
+    def _chain_busy_s(self, now: float) -> float:
+        """Busy time the chain owes its GPU's clocks up to ``now`` (the GPU's ``busy_at`` adds it)."""
+        return now - self._chain[0] if self._chain is not None else 0.0
+
+    def settle(self, now: float, materialize: bool = True) -> None:
+        """Credit what the chain did up to ``now`` and end it; ``materialize``: the micro-batch or optimizer
+        step in progress goes on as a kernel with the work it has left (at the end of the run it stays
+        uncounted, as an unfinished kernel's time is)."""
+        if self._chain is None:
+            return
+        t0, r0, d, opt, rate = self._chain
+        n, steps, doing, began = self._chain_position(now)
+        G, mb, seq = self.global_batch, self.mb, self.seq_len
+        compute = self.gpu.compute
+        compute.owed = compute.offline = None
+        compute.add_training_busy(began - t0)
+        self.micro_batches += n
+        self.chained_microbatches += n
+        self.sequences_done += n * mb
+        tokens0 = self.tokens_done
+        self.tokens_done += n * mb * seq
+        if n:
+            self.pool.trained_in_bulk(n * mb)
+        if steps:   # the optimizer steps the chain finished, as ``_stepped`` makes them
+            q = np.arange(1, steps + 1)
+            j = q * G - r0                   # the micro-batch each follows
+            ends = t0 + j * d + q * opt
+            tokens = tokens0 + j * (mb * seq)
+            starts = np.empty(steps)
+            starts[0] = self._step_start
+            starts[1:] = ends[:-1]
+            self.on_steps(self.version + 1, starts, ends, np.diff(tokens, prepend=self._tokens_at_step))
+            self.version += steps
+            self._tokens_at_step = int(tokens[-1])
+            self._step_start = float(ends[-1])
+        self._chain = None
+        self.kernel = None
+        if doing == "mb":
+            self.taken = self.pool.take(mb)
+        if not materialize:
+            return
+        compute.add_training_busy(now - began)
+        if doing == "mb":
+            work, then = self.predictor.lora_step_s(mb, seq), self._done
+        else:
+            work, then = self.predictor.lora_optimizer_s(), self._stepped
+        self.kernel = compute.start("lora", max(0.0, work - rate * (now - began)), then)
+
+    def _idle(self) -> None:
+        """This finetuner waits (for sequences, memory or a plan): the others' chains end, so that the
+        tasks they complete wake it as they would one by one."""
+        if self.chains:
+            self.pool.settle_chains(self.env.now)
+
+    def close(self, now: float) -> None:
+        """End of the run: count what a chain did by ``now``."""
+        self.settle(now, materialize=False)
