@@ -46,6 +46,7 @@ class SequencePool:
         self._front_done = 0     # sequences of the front task trained
         self.waiters: list = []
         self.recycle: Callable[[int], None] | None = None   # backlog: n tasks done and replaced, in bulk
+        self.chained = 0         # finetuners advancing in closed form now
 
     def add(self, task: TrainTask) -> None:
         self.tasks.append(task)
@@ -117,8 +118,9 @@ class SequencePool:
 
     def settle_chains(self, now: float, materialize: bool = True) -> None:
         """Settle every finetuner advancing in closed form up to ``now`` (see ``LoraFinetuner``)."""
-        for ft in self.waiters:
-            ft.settle(now, materialize)
+        if self.chained:
+            for ft in self.waiters:
+                ft.settle(now, materialize)
 
 
 def finetune_state(inst, held_blocks: int) -> FinetuneState:
@@ -229,7 +231,8 @@ class LoraFinetuner(FinetunerRules):
 
     def _on_iteration(self, inst, kind: str) -> None:
         """A decode iteration (or run) starts: re-plan the SM split for the micro-batch running."""
-        self.settle(self.env.now)
+        if self._chain is not None:
+            self.settle(self.env.now)
         self._replan(self.kernel is not None and self.taken is not None, self.kernel is None)
 
     def _try_start(self) -> None:
@@ -305,7 +308,8 @@ class LoraFinetuner(FinetunerRules):
 
     def reclaim(self, inst) -> None:
         """Decode needs the blocks: abort the micro-batch in flight and give every block back now."""
-        self.settle(self.env.now)
+        if self._chain is not None:
+            self.settle(self.env.now)
         self._abort()
         self._release_blocks()
 
@@ -355,6 +359,7 @@ class LoraFinetuner(FinetunerRules):
                        self.predictor.lora_step_s(self.mb, self.seq_len) / rate,
                        self.predictor.lora_optimizer_s() / rate, rate)
         self.kernel = CHAINED
+        self.pool.chained += 1
         compute.owed, compute.offline = self, self._chain_busy_s
 
     def _micro_batch_end(self, j: int) -> float:
@@ -399,6 +404,7 @@ class LoraFinetuner(FinetunerRules):
         G, mb, seq = self.global_batch, self.mb, self.seq_len
         compute = self.gpu.compute
         compute.owed = compute.offline = None
+        self.pool.chained -= 1
         compute.add_training_busy(began - t0)
         self.micro_batches += n
         self.chained_microbatches += n
@@ -435,8 +441,7 @@ class LoraFinetuner(FinetunerRules):
     def _idle(self) -> None:
         """This finetuner waits (for sequences, memory or a plan): the others' chains end, so that the
         tasks they complete wake it as they would one by one."""
-        if self.chains:
-            self.pool.settle_chains(self.env.now)
+        self.pool.settle_chains(self.env.now)
 
     def close(self, now: float) -> None:
         """End of the run: count what a chain did by ``now``."""
