@@ -150,6 +150,31 @@ def test_idle_chains_under_load_give_the_results_of_one_micro_batch_at_a_time():
     _same_to_rounding(chains, run_sim(*case, "sim.training_spans=false"))
 
 
+@pytest.mark.parametrize("offset, in_optimizer", [(-1e-9, True), (1e-9, False)])
+def test_a_chain_settled_in_an_optimizer_step_has_given_its_blocks_back(offset, in_optimizer):
+    """The optimizer step runs without the micro-batch's blocks: a run that ends just before a step made in a
+    chain ends (inside its optimizer step) holds none, one just after holds the next micro-batch's."""
+    base = [*SPARSE, "policy=harli", "workload.num_requests=3"]
+    first = run_sim(*base)
+    arrivals = np.sort(first.requests().arrival_s.to_numpy())
+    i = int(np.argmax(np.diff(arrivals)))                     # the longest gap between requests
+    steps = first.training[first.training.trainer == 0]
+    k = int(steps.end_s.searchsorted(arrivals[i + 1])) - 2    # a step made in the idle chain before the next one
+    t = float(steps.end_s.iloc[k]) + offset
+    assert t > arrivals[i] + 30   # the requests before were long done: the instances were idle
+    ends = {}
+    for spans in ("true", "false"):
+        r = run_sim(*base, f"sim.max_time_s={t!r}", f"sim.training_spans={spans}")
+        ft = r.backend.finetuners[0]
+        ends[spans] = (ft.version, ft.micro_batches, ft.held, ft.inst.lent_blocks, r.summary["train_tokens_per_s"])
+        if spans == "true":
+            assert ft.chained_microbatches > 0.9 * ft.micro_batches
+    assert ends["true"][0] == k + (0 if in_optimizer else 1)
+    assert (ends["true"][2] == 0) == in_optimizer
+    assert ends["true"][:4] == ends["false"][:4]
+    assert ends["true"][4] == pytest.approx(ends["false"][4], rel=1e-9)
+
+
 def test_sequence_pool_hands_out_and_completes_tasks_in_fifo_order_by_count():
     pool = SequencePool()
     tasks = [TrainTask(i, 0.0, 4, 16) for i in range(3)]

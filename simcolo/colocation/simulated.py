@@ -102,6 +102,7 @@ class SimBackend(Backend):
             self.finetuners.append(ft)
         self.trainers = list(self.finetuners)
         self._place = self.pool.add
+        self.system.settle_training = lambda: self.pool.settle_chains(self.env.now)
 
     # ------------------------------------------------------------------ what the summary reads
     def gpu_busy_s(self) -> list[float]:

@@ -72,6 +72,21 @@ class SharedCompute:
             self._reschedule()
         return kernel
 
+    def resume(self, kind: str, work_s: float, since: float, on_done) -> Kernel:
+        """On a GPU with nothing running: a kernel of ``work_s`` solo seconds that began alone at ``since``
+        (<= now; a trainer that advanced in closed form hands it over). Its time and work since then are
+        charged at the next change, as if it had been started then."""
+        if self.running or self.residents:
+            raise ValueError(f"GPU {self.index}: a kernel resumes only on a GPU with nothing running")
+        self._last_s = since
+        kernel = Kernel(kind, work_s, None, on_done)
+        kernel.started_s = since
+        self.running.append(kernel)
+        rate = kernel.rate = self._rates([kind])[0]
+        kernel.end_s = end = since + work_s / rate
+        self._arm(kernel, end)
+        return kernel
+
     def cancel(self, kernel: Kernel) -> float:
         """Stop a running kernel without firing its event; returns the solo work it had left."""
         if kernel not in self.running:

@@ -87,6 +87,8 @@ class TimelineSampler:
         """One row per GPU: serving GPUs with their instance's queues and KV, training-only GPUs
         (isolated layouts) with instance -1. ``utilization`` is the busy fraction since the previous sample."""
         now = self.env.now
+        if self.system.settle_training is not None:
+            self.system.settle_training()
         gpus = self.system.cluster.gpus
         rows = instance_rows(self.system, now,
                              lambda g, inst: gpus[g].compute.busy_at(now) if inst.attached else inst.busy_s)

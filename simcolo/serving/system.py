@@ -62,6 +62,9 @@ class ServingSystem:
         self.decoders = [x for x in self.instances if x.role == "decode"]
         self.entry_views: list = self.entry     # what the policy sees of them (co-located nodes wrap them)
         self.on_dispatch = None                 # called with (request, instance) after routing
+        # called before a decode instance is chosen or takes a request, and before a timeline sample: a
+        # trainer advancing in closed form beside the decode instances brings their state up to now
+        self.settle_training = None
         self.send_kv = send_kv or self._send_kv_after
 
     def _send_kv_after(self, r: Request, src, dst, link_s: float, arrived) -> None:
@@ -84,6 +87,8 @@ class ServingSystem:
 
     def _prefilled(self, r: Request, src: Instance) -> None:
         """Disaggregated: send the request's KV cache to a decode instance over the GPUs' link."""
+        if self.settle_training is not None:
+            self.settle_training()
         dst = self.decoders[self.policy.route(r, self.decoders, self.env.now)]
         nbytes = r.kv_len * self.model.kv_bytes_per_token / len(src.gpus)  # tp shards move in parallel
         delay = self.cluster.link(src.gpus[0], dst.gpus[0]).transfer_s(nbytes)
@@ -91,6 +96,8 @@ class ServingSystem:
         self.send_kv(r, src, dst, delay, lambda: self._arrive_at_decoder(r, src, dst))
 
     def _arrive_at_decoder(self, r: Request, src: Instance, dst: Instance) -> None:
+        if self.settle_training is not None:
+            self.settle_training()
         del self.in_transfer[r.id]
         src.release_transferred(r)
         dst.enqueue(r)

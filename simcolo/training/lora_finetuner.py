@@ -208,7 +208,7 @@ class LoraFinetuner(FinetunerRules):
         self._finishing = False   # inside _done: it starts the next micro-batch itself, no wake needed
         self._step_start = env.now        # when the current optimizer step's first micro-batch could start
         self.chains = chains              # advance idle micro-batches in closed form (see ``settle``)
-        self._chain: tuple[float, int, float, float, float] | None = None   # start, r0, d, opt, rate
+        self._chain: tuple[float, int, float, float] | None = None   # start, r0, micro-batch s, optimizer s
         self._tokens_at_step = 0
         instance.on_iteration = self._on_iteration
         if not static_memory:
@@ -328,8 +328,9 @@ class LoraFinetuner(FinetunerRules):
     # else), the kernel runs alone at one rate, and every ``global_batch`` micro-batches the optimizer step
     # follows. So it advances them in closed form: a *chain* holds where the first micro-batch started, and
     # the micro-batches and steps done by any time follow by arithmetic. Nothing happens on the clock
-    # until something touches the finetuner (its instance starts an iteration or takes blocks back, the
-    # GPU gets a resident, the run ends): then ``settle`` credits what the chain did by then (sequences,
+    # until something touches the finetuner (a request is routed to a decode instance or reaches one, its
+    # instance starts an iteration or takes blocks back, the GPU gets a resident, a timeline sample, the run
+    # ends): then ``settle`` credits what the chain did by then (sequences,
     # tasks, steps and their records, busy time) and turns the micro-batch or optimizer step in progress
     # back into a kernel with the work it has left. The results equal a run micro-batch by micro-batch
     # (``sim.training_spans=false``) up to float rounding of the summed times (a test compares them).
@@ -357,19 +358,19 @@ class LoraFinetuner(FinetunerRules):
         rate = compute.alone_rate("lora")
         self._chain = (self.env.now, self.micro_batches % self.global_batch,
                        self.predictor.lora_step_s(self.mb, self.seq_len) / rate,
-                       self.predictor.lora_optimizer_s() / rate, rate)
+                       self.predictor.lora_optimizer_s() / rate)
         self.kernel = CHAINED
         self.pool.chained += 1
         compute.owed, compute.offline = self, self._chain_busy_s
 
     def _micro_batch_end(self, j: int) -> float:
         """When the chain's ``j``-th micro-batch ends (1-based; 0: when the chain began)."""
-        t0, r0, d, opt, _ = self._chain
+        t0, r0, d, opt = self._chain
         return t0 + j * d + ((r0 + j - 1) // self.global_batch) * opt if j else t0
 
     def _chain_position(self, now: float) -> tuple[int, int, str, float]:
         """(micro-batches done, optimizer steps done, what is in progress ("mb" or "opt"), when it began)."""
-        t0, r0, d, opt, _ = self._chain
+        t0, r0, d, opt = self._chain
         G = self.global_batch
         lo, hi = 0, int((now - t0) / d) + 1
         while self._micro_batch_end(hi) <= now:   # float rounding at the edge
@@ -395,11 +396,11 @@ class LoraFinetuner(FinetunerRules):
 
     def settle(self, now: float, materialize: bool = True) -> None:
         """Credit what the chain did up to ``now`` and end it; ``materialize``: the micro-batch or optimizer
-        step in progress goes on as a kernel with the work it has left (at the end of the run it stays
+        step in progress goes on as a kernel that began when it did (at the end of the run it stays
         uncounted, as an unfinished kernel's time is)."""
         if self._chain is None:
             return
-        t0, r0, d, opt, rate = self._chain
+        t0, r0, d, opt = self._chain
         n, steps, doing, began = self._chain_position(now)
         G, mb, seq = self.global_batch, self.mb, self.seq_len
         compute = self.gpu.compute
@@ -429,14 +430,15 @@ class LoraFinetuner(FinetunerRules):
         self.kernel = None
         if doing == "mb":
             self.taken = self.pool.take(mb)
+        else:   # between micro-batches the optimizer step runs without the activation blocks
+            self._release_blocks()
         if not materialize:
             return
-        compute.add_training_busy(now - began)
         if doing == "mb":
             work, then = self.predictor.lora_step_s(mb, seq), self._done
         else:
             work, then = self.predictor.lora_optimizer_s(), self._stepped
-        self.kernel = compute.start("lora", max(0.0, work - rate * (now - began)), then)
+        self.kernel = compute.resume("lora", work, began, then)
 
     def _idle(self) -> None:
         """This finetuner waits (for sequences, memory or a plan): the others' chains end, so that the
