@@ -48,7 +48,8 @@ class TrainingRecords:
     def frame(self) -> pd.DataFrame:
         df = pd.DataFrame(self.rows, columns=list(self.COLUMNS))
         if self.blocks:
-            df = pd.concat([df, *(pd.DataFrame(b) for b in self.blocks)], ignore_index=True)
+            blocks = pd.DataFrame({c: np.concatenate([b[c] for b in self.blocks]) for c in self.COLUMNS})
+            df = pd.concat([df, blocks], ignore_index=True)
         df = df.astype({"trainer": "int64", "version": "int64", "start_s": "float64", "end_s": "float64",
                         "tasks": "int64", "tokens": "int64"})
         if self.blocks:

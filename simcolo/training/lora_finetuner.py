@@ -116,11 +116,14 @@ class SequencePool:
         m = self.tasks[0].micro_batch if self.tasks else 0
         return len(self.tasks) * m - (m - 1)
 
-    def settle_chains(self, now: float, materialize: bool = True) -> None:
-        """Settle every finetuner advancing in closed form up to ``now`` (see ``LoraFinetuner``)."""
+    def settle_chains(self, now: float, blocks_only: bool = False) -> None:
+        """Settle every finetuner advancing in closed form up to ``now`` (see ``LoraFinetuner``);
+        ``blocks_only``: those whose blocks lent differ from what a chain keeps lent (in an optimizer step),
+        all a timeline sample needs (it reads the busy clocks through ``SharedCompute.offline``)."""
         if self.chained:
             for ft in self.waiters:
-                ft.settle(now, materialize)
+                if not blocks_only or ft.in_optimizer_step(now):
+                    ft.settle(now)
 
 
 def finetune_state(inst, held_blocks: int) -> FinetuneState:
@@ -389,6 +392,10 @@ class LoraFinetuner(FinetunerRules):
                 return n, steps - 1, "opt", end
             end += opt
         return n, steps, "mb", end
+
+    def in_optimizer_step(self, now: float) -> bool:
+        """True if a chain is running its optimizer step at ``now``."""
+        return self._chain is not None and self._chain_position(now)[2] == "opt"
 
     def _chain_busy_s(self, now: float) -> float:
         """Busy time the chain owes its GPU's clocks up to ``now`` (the GPU's ``busy_at`` adds it)."""
