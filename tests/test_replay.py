@@ -233,41 +233,6 @@ def test_fidelity_runner_plans_every_policy_on_its_setting(cpu_calibration):
     assert kinds == {"serving", "isolated", "pipelines", "finetune"}
 
 
-def test_fidelity_calibrates_each_policy_with_an_engine_run_in_its_own_layout(cpu_calibration):
-    """On the CPU the fidelity runner's calibration runs the engine in the policy's own layout: for every
-    policy the override composes into calibrate's config, and the engine run it makes (the profile's
-    workload, the policy's layout, the setting's training tasks arriving as a stream) loads, passes the live
-    checks and plans the policy's layout."""
-    from calibrate.engine_run import settings
-    from simcolo.config.compose import load_config
-    from simcolo.config.run import RunConfig
-    from simcolo.hardware.cluster import Topology
-    from simcolo.layout.plan import plan_layout
-    from simcolo.policies import POLICIES, make_policy
-    from simcolo.replay.backend import check_live
-    from simcolo.replay.fidelity import engine_layout, policy_overrides
-
-    for name in sorted(POLICIES):
-        cal = load_config(["model=tiny", "device=cpu", engine_layout(name, ["+fidelity=cpu_tiny"], None)],
-                          config_name="calibrate")
-        e = settings(cal, "cpu")
-        assert e["layout"][:len(policy_overrides(name))] == policy_overrides(name)
-        cfg = load_config(["model=tiny", "gpu=cpu", *e["workload"], *e["layout"], f"costs.path={cpu_calibration[0]}"],
-                          config_name="replay")
-        run = RunConfig.from_cfg(cfg)
-        policy = make_policy(run.policy)
-        check_live(run, policy)
-        setting = RunConfig.from_cfg(load_config(["+fidelity=cpu_tiny", *policy_overrides(name),
-                                                  f"costs.path={cpu_calibration[0]}"], config_name="replay"))
-        plan = plan_layout(run, policy, Topology.from_config(run.gpu, run.cluster))
-        fidelity_plan = plan_layout(setting, make_policy(setting.policy), Topology.from_config(setting.gpu,
-                                                                                                setting.cluster))
-        assert plan.kind == fidelity_plan.kind, name
-        assert [i.gpus for i in plan.instances] == [i.gpus for i in fidelity_plan.instances], name
-        if run.training is not None and plan.trainer is not None:
-            assert run.training.kind == setting.training.kind and run.training.data.kind == "poisson", name
-
-
 # LoRA finetuning live on a small KV pool: 256 blocks of 16 tokens, a finetune micro-batch of two 64-token
 # sequences borrows 200 of them, and four decoding 400-token requests need up to 100
 HARLI = ["cluster=cpu2", "costs.interference=none", "workload.lengths.kind=fixed",

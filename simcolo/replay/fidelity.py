@@ -8,13 +8,7 @@ commands a user would, as subprocesses in the working directory:
 
 1. ``python -m calibrate`` — tables measured just before (``<out>/<policy>/calibration``): the kernel
    sweep fitted to a short live run of the engine (``calibrate/engine_run.py``); or, with ``--tables
-   DIR``, one calibration made beforehand for every policy. On the CPU the engine run is made in the
-   policy's own layout (:func:`engine_layout`; ``--engine-layout profile`` keeps the calibration
-   profile's one co-located node): there the "GPUs" are threads and processes sharing two cores, so how
-   fast a kernel runs depends on what else the layout runs beside it (isolated's trainer in a process of
-   its own trains ~1.25x faster than a training thread beside serving; a finetune layout's prefill
-   thread, beside the decode and finetune threads, prefills ~1.4x slower than a co-located node's);
-   a platform team calibrates the layout it deploys in the same way;
+   DIR``, one calibration made beforehand for every policy;
 2. ``simcolo`` on those tables;
 3. ``python -m simcolo.replay`` ``--repeats`` times, each followed by ``python -m simcolo.compare``;
 4. ``python -m calibrate measure=[prefill,decode,train_stage] engine_run.enabled=false`` again
@@ -69,26 +63,6 @@ DEFAULT_OVERRIDES = ["cluster=single"]
 
 def policy_overrides(policy: str) -> list[str]:
     return [f"policy={policy}", *POLICY_OVERRIDES.get(policy, DEFAULT_OVERRIDES)]
-
-
-#: the CPU engine run's training tasks arrive as a Poisson stream, so that serving and training also run
-#: alone (calibrate's ``engine_run.profiles.cpu``: a backlog would leave no serving iteration alone)
-ENGINE_TRAINING_DATA = ["training.data.kind=poisson", "training.data.rate_tps=20"]
-
-
-def engine_layout(policy: str, common: list[str], config_dir: str | None) -> str:
-    """The calibration override that makes its engine run (``engine_run.profiles.cpu.layout``) run in
-    ``policy``'s own layout: its policy overrides and the setting's training task shape."""
-    from simcolo.config.compose import load_config
-
-    t = load_config([*common, *policy_overrides(policy)], config_dir=config_dir).training
-    items = [*policy_overrides(policy)]
-    if t is not None:
-        items += [f"training.stages={t.stages}", f"training.micro_batch={t.micro_batch}",
-                  f"training.seq_len={t.seq_len}", f"training.global_batch={t.global_batch}",
-                  f"training.activation_checkpointing={str(t.activation_checkpointing).lower()}",
-                  f"training.state_bytes_per_param={t.state_bytes_per_param}", *ENGINE_TRAINING_DATA]
-    return "engine_run.profiles.cpu.layout=[" + ",".join(f"'{x}'" for x in items) + "]"
 #: the rows the issue's fidelity targets name, then the rest of the report
 TARGET_ROWS = ("ttft_mean_s", "tpot_mean_s", "train_step_time_s", "train_tokens_per_s")
 REPORT_ROWS = TARGET_ROWS + ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s", "slo_attainment",
@@ -190,9 +164,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="a config directory of your own, passed to every command (Hydra's --config-dir)")
     ap.add_argument("--calibrate-override", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for both calibrations only (repeatable), e.g. threads=2 or gpu=h100-sxm")
-    ap.add_argument("--engine-layout", default="policy", choices=("policy", "profile"),
-                    help="on the CPU, the calibration's engine run in each policy's own layout (default) or in "
-                         "the calibration profile's (one co-located node, the same for every policy)")
     ap.add_argument("--tables", default=None, metavar="DIR",
                     help="one calibration, made beforehand, for every policy (no per-policy calibration and no "
                          "drift measurement): for a short run, e.g. on a GPU lent for minutes")
@@ -293,9 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         calibrate = [py, "-m", "calibrate", *config_dir, f"model={model}", f"device={a.device}", "progress_bar=false",
                      *a.calibrate_override]
         if tables is None:
-            in_layout = [engine_layout(policy, common, a.config_dir)] \
-                if a.device == "cpu" and a.engine_layout == "policy" else []
-            _run([*calibrate, *in_layout, f"out={cal}"], log)
+            _run([*calibrate, f"out={cal}"], log)
         else:   # its provenance beside the policy's results, as a calibration of its own would be
             cal.mkdir(parents=True)
             for name in ("metadata.json", "refine.json"):
