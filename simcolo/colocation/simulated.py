@@ -102,7 +102,7 @@ class SimBackend(Backend):
             self.finetuners.append(ft)
         self.trainers = list(self.finetuners)
         self._place = self.pool.add
-        self.system.settle_training = lambda blocks_only: self.pool.settle_chains(self.env.now, blocks_only)
+        self.system.settle_training = lambda: self.pool.settle_chains(self.env.now, blocks_only=True)
 
     # ------------------------------------------------------------------ what the summary reads
     def gpu_busy_s(self) -> list[float]:

@@ -88,7 +88,7 @@ class TimelineSampler:
         (isolated layouts) with instance -1. ``utilization`` is the busy fraction since the previous sample."""
         now = self.env.now
         if self.system.settle_training is not None:
-            self.system.settle_training(True)
+            self.system.settle_training()
         gpus = self.system.cluster.gpus
         rows = instance_rows(self.system, now,
                              lambda g, inst: gpus[g].compute.busy_at(now) if inst.attached else inst.busy_s)

@@ -63,10 +63,10 @@ class ServingSystem:
         self.decoders = [x for x in self.instances if x.role == "decode"]
         self.entry_views: list = self.entry     # what the policy sees of them (co-located nodes wrap them)
         self.on_dispatch = None                 # called with (request, instance) after routing
-        # a trainer advancing in closed form beside the decode instances brings their state up to now:
-        # called with False before a decode instance is chosen or takes a request, with True before a
-        # timeline sample (only what it reads: the KV blocks lent)
-        self.settle_training: Callable[[bool], None] | None = None
+        # called before a decode instance is chosen or takes a request and before a timeline sample: a
+        # trainer advancing in closed form beside the decode instances brings the KV blocks it has lent up
+        # to now (what else it changes is settled when the instance or its GPU is touched)
+        self.settle_training: Callable[[], None] | None = None
         self.send_kv = send_kv or self._send_kv_after
 
     def _send_kv_after(self, r: Request, src, dst, link_s: float, arrived) -> None:
@@ -90,7 +90,7 @@ class ServingSystem:
     def _prefilled(self, r: Request, src: Instance) -> None:
         """Disaggregated: send the request's KV cache to a decode instance over the GPUs' link."""
         if self.settle_training is not None:
-            self.settle_training(False)
+            self.settle_training()
         dst = self.decoders[self.policy.route(r, self.decoders, self.env.now)]
         nbytes = r.kv_len * self.model.kv_bytes_per_token / len(src.gpus)  # tp shards move in parallel
         delay = self.cluster.link(src.gpus[0], dst.gpus[0]).transfer_s(nbytes)
@@ -99,7 +99,7 @@ class ServingSystem:
 
     def _arrive_at_decoder(self, r: Request, src: Instance, dst: Instance) -> None:
         if self.settle_training is not None:
-            self.settle_training(False)
+            self.settle_training()
         del self.in_transfer[r.id]
         src.release_transferred(r)
         dst.enqueue(r)

@@ -118,8 +118,9 @@ class SequencePool:
 
     def settle_chains(self, now: float, blocks_only: bool = False) -> None:
         """Settle every finetuner advancing in closed form up to ``now`` (see ``LoraFinetuner``);
-        ``blocks_only``: those whose blocks lent differ from what a chain keeps lent (in an optimizer step),
-        all a timeline sample needs (it reads the busy clocks through ``SharedCompute.offline``)."""
+        ``blocks_only``: only those whose blocks lent differ from what a chain keeps lent (in an optimizer
+        step), all that routing, a decode instance taking a request and a timeline sample read of them (the
+        busy clocks through ``SharedCompute.offline``; the instance settles its finetuner before it runs)."""
         if self.chained:
             for ft in self.waiters:
                 if not blocks_only or ft.in_optimizer_step(now):
