@@ -12,6 +12,10 @@ holds, the instance reclaims them at once; the micro-batch is aborted, its seque
 pool and are recomputed later (counted in ``aborted_microbatches``). With ``static_memory`` true (the
 static-share baseline) the blocks are a fixed carve-out that decode cannot reclaim (it preempts
 requests instead). The SM share is re-planned at every decode iteration start (``on_iteration``).
+
+On an idle decode instance the simulated finetuner repeats one micro-batch: it advances them in closed
+form, as a *chain* settled when something touches it (see the section "idle chains" of
+:class:`LoraFinetuner`), which the pool's counting in FIFO order (:class:`SequencePool`) makes exact.
 """
 from __future__ import annotations
 
