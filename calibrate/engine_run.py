@@ -15,7 +15,8 @@ sweep, ``python -m calibrate``:
    training threads of one process alternating as they do live; GPU: serving alone), into
    ``<out>/engine_run``;
 3. fits the tables to that run's iterations with :mod:`calibrate.refine` (one scale per iteration kind,
-   the training tables by the run's training ratio) and writes them to ``<out>``, the metadata saying
+   the training tables by the run's training ratio: the kind of job it trained, and the other kind by the
+   same factor) and writes them to ``<out>``, the metadata saying
    so (key ``refined``, ``method``).
 
 ``engine_run.enabled=false`` keeps the kernel tables as they are (the earlier behaviour).
@@ -94,7 +95,7 @@ def calibrate_in_engine(out: Path, e: dict, model: str, gpu: str, device: str, t
         p = run_dir / bulky
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     fitted = out / ".fitted"
-    report = refine([run_dir], fitted, tables=kernel, quiet=True)
+    report = refine([run_dir], fitted, tables=kernel, quiet=True, other_training=True)
     for f in fitted.iterdir():
         if f.suffix in (".csv", ".json"):
             f.replace(out / f.name)

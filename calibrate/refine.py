@@ -76,6 +76,7 @@ class Law:
 class Fit:
     laws: dict[str, Law] = field(default_factory=dict)
     train: dict[str, float] = field(default_factory=dict)   # table -> factor
+    train_from: dict[str, str] = field(default_factory=dict)   # table -> the table whose factor it took
 
 
 # --------------------------------------------------------------------------------- reading runs
@@ -183,9 +184,10 @@ def fit_law(predicted: np.ndarray, measured: np.ndarray) -> Law:
     return Law(float(measured.sum() / predicted.sum()), len(predicted))
 
 
-def fit(runs: list[RunLog], base_predictions: list[np.ndarray]) -> Fit:
+def fit(runs: list[RunLog], base_predictions: list[np.ndarray], other_training: bool = False) -> Fit:
     """The laws from the solo prefill and decode iterations of ``runs`` (``base_predictions[i]``: the
-    base tables' prediction of each of run i's iterations) and the training factors."""
+    base tables' prediction of each of run i's iterations) and the training factors; ``other_training``:
+    a training table no run exercised takes the factor of the one they did (see :func:`refine`)."""
     out = Fit()
     for kind in KINDS:
         pred, meas = [], []
@@ -201,6 +203,11 @@ def fit(runs: list[RunLog], base_predictions: list[np.ndarray]) -> Fit:
                   and r.train_ratio > 0]
         if ratios:
             out.train[table] = float(np.median(ratios))
+    if other_training and len(out.train) == 1:
+        (measured, factor), = out.train.items()
+        for table in sorted(set(TRAIN_TABLES.values()) - {measured}):
+            out.train[table] = factor
+            out.train_from[table] = measured
     return out
 
 
@@ -237,6 +244,7 @@ def write_refined(base_dir: Path, f: Fit, out: Path, provenance: dict) -> None:
         **provenance,
         "laws": {k: {"scale": v.scale, "iterations": v.iterations} for k, v in f.laws.items()},
         "train_factors": dict(f.train),
+        "train_factors_from": dict(f.train_from),
         "rule": "latency_s x scale (prefill, decode); training tables x factor "
                 "(calibrate/refine.py)",
     }
@@ -305,9 +313,14 @@ def held_out(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: fl
 # --------------------------------------------------------------------------------- the command
 
 def refine(run_dirs: list[str | Path], out: str | Path, tables: str | Path | None = None,
-           block_s: float = 2.0, quiet: bool = False) -> dict:
+           block_s: float = 2.0, quiet: bool = False, other_training: bool = False) -> dict:
     """Fit refined tables from ``run_dirs`` into ``out``; returns (and writes to ``out/refine.json``)
-    the fit and the held-out errors."""
+    the fit and the held-out errors. ``other_training``: when the runs trained one kind of job only, the
+    other kind's table (``lora_step`` or ``train_stage``) is scaled by the same factor -- the calibration's
+    engine run does this: it trains one kind, and on the CPU what slows training in the engine (a thread
+    beside serving, the dispatcher, the GIL) slows both kinds alike (a LoRA replay's training ran 1.4-1.6x
+    its hot-loop table where the full-parameter factor was 1.4-1.5x; left alone, the finetune policies'
+    training came out 35-39 % too fast). Off for deployment logs: refine what ran."""
     runs = [read_run(d, tables) for d in run_dirs]
     bases = {r.tables.resolve() for r in runs}
     if len(bases) > 1:
@@ -327,12 +340,13 @@ def refine(run_dirs: list[str | Path], out: str | Path, tables: str | Path | Non
         errors = held_out(runs, base_predictions, block_s, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    f = fit(runs, base_predictions)
+    f = fit(runs, base_predictions, other_training)
     provenance = {"base": str(Path(base).resolve()), "runs": [str(r.path.resolve()) for r in runs],
                   "held_out": errors, "block_s": block_s}
     write_refined(base, f, out, provenance)
     report = {"out": str(out), **provenance,
-              "laws": {k: vars(v) for k, v in f.laws.items()}, "train_factors": f.train}
+              "laws": {k: vars(v) for k, v in f.laws.items()}, "train_factors": f.train,
+              "train_factors_from": f.train_from}
     (out / "refine.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if not quiet:
         print(format_report(report))

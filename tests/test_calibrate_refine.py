@@ -47,6 +47,10 @@ def test_the_calibration_is_the_kernel_sweep_fitted_to_the_engine_run(cpu_calibr
     assert train == pytest.approx(summary["replay_train_time_over_table"])
     a, b = pd.read_csv(kernel / "train_stage.csv"), pd.read_csv(out / "train_stage.csv")
     assert np.allclose(b.latency_s, train * a.latency_s, rtol=1e-5)
+    # the run trained full-parameter tasks only: the LoRA table takes the same factor, and says so
+    assert refined["train_factors"]["lora_step"] == train and refined["train_factors_from"] == {"lora_step": "train_stage"}
+    a, b = pd.read_csv(kernel / "lora_step.csv"), pd.read_csv(out / "lora_step.csv")
+    assert np.allclose(b.latency_s, train * a.latency_s, rtol=1e-5)
     assert pd.read_csv(kernel / "interference.csv").equals(pd.read_csv(out / "interference.csv"))
 
 
