@@ -16,7 +16,10 @@ the simulator, which starts it at the arrival, can see it (means of TTFT and TPO
 of iteration times, so the total is what must be right; see :func:`fit_law` for why no shape term).
 Every latency of the table is multiplied by it, which keeps the kernel sweep's shape where the runs never
 went. Training tables (``train_stage`` for full-parameter runs, ``lora_step`` for LoRA ones) are scaled
-by the median of the runs' training ratios.
+by the median of the runs' training ratios. The iterations that ran with training beside them refine the
+interference table: each kind's plain co-run slowdown beside the training kind that ran is multiplied by
+their measured time over what the refined solo law times the table's slowdown predicts (the replay's own
+prediction of them), and kept at least 1; SM-partition rows are left as measured.
 
 Held-out error: iterations are split into alternating blocks of ``--block-s`` seconds of each run; the
 law is fitted on one half and evaluated on the other, both ways. For each kind it reports the error of
@@ -40,10 +43,11 @@ import pandas as pd
 import yaml
 
 from simcolo.costs.cost_model import CostModel
+from simcolo.costs.interference_table import UNPARTITIONED, InterferenceTable
 from simcolo.costs.interp import OffGridWarning
 from simcolo.costs.schema import METADATA_FILE
 from simcolo.costs.tables import read_metadata
-from simcolo.errors import SimcoloError
+from simcolo.errors import SimcoloError, TableError
 
 KINDS = ("prefill", "decode")
 TRAIN_TABLES = {"full": "train_stage", "lora": "lora_step"}
@@ -77,6 +81,8 @@ class Fit:
     laws: dict[str, Law] = field(default_factory=dict)
     train: dict[str, float] = field(default_factory=dict)   # table -> factor
     train_from: dict[str, str] = field(default_factory=dict)   # table -> the table whose factor it took
+    # (kind_a, kind_b) -> factor on the co-run slowdown of kind_a beside training kind_b (plain co-run)
+    corun: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------- reading runs
@@ -184,10 +190,12 @@ def fit_law(predicted: np.ndarray, measured: np.ndarray) -> Law:
     return Law(float(measured.sum() / predicted.sum()), len(predicted))
 
 
-def fit(runs: list[RunLog], base_predictions: list[np.ndarray], other_training: bool = False) -> Fit:
+def fit(runs: list[RunLog], base_predictions: list[np.ndarray], other_training: bool = False,
+        interference=None) -> Fit:
     """The laws from the solo prefill and decode iterations of ``runs`` (``base_predictions[i]``: the
     base tables' prediction of each of run i's iterations) and the training factors; ``other_training``:
-    a training table no run exercised takes the factor of the one they did (see :func:`refine`)."""
+    a training table no run exercised takes the factor of the one they did (see :func:`refine`); with the
+    base ``interference`` table, the factors on its plain co-run slowdowns (:func:`_fit_corun`)."""
     out = Fit()
     for kind in KINDS:
         pred, meas = [], []
@@ -208,7 +216,44 @@ def fit(runs: list[RunLog], base_predictions: list[np.ndarray], other_training: 
         for table in sorted(set(TRAIN_TABLES.values()) - {measured}):
             out.train[table] = factor
             out.train_from[table] = measured
+    if interference is not None:
+        _fit_corun(out, runs, base_predictions, interference, other_training)
     return out
+
+
+#: the interference table's training kind beside serving, by the training table a run used
+BESIDE = {"train_stage": "train", "lora_step": "lora"}
+
+
+def _fit_corun(out: Fit, runs: list[RunLog], base_predictions: list[np.ndarray], interference,
+               other_training: bool) -> None:
+    """The factor on each kind's plain co-run slowdown: the runs' iterations with training beside them,
+    measured over what the refined solo law times the table's slowdown predicts (the replay's own
+    prediction of them). ``other_training``: the training kind the runs did not run takes it too."""
+    for kind, law in out.laws.items():
+        by_beside: dict[str, list[float]] = {}
+        for run, p in zip(runs, base_predictions):
+            beside = BESIDE.get(run.train_table)
+            if beside is None:
+                continue
+            m = (run.iterations.kind == kind).to_numpy() & run.iterations.training_beside.to_numpy(bool)
+            if not m.any():
+                continue
+            try:
+                slowdown = interference.slowdown(kind, beside, None)[0]
+            except TableError:
+                continue
+            acc = by_beside.setdefault(beside, [0.0, 0.0])
+            acc[0] += float(run.iterations.measured_s.to_numpy()[m].sum())
+            acc[1] += float(law.scale * p[m].sum() * slowdown)
+        for beside, (meas, pred) in by_beside.items():
+            if pred > 0:
+                out.corun[(kind, beside)] = meas / pred
+        if other_training and len(by_beside) == 1:
+            (beside, _), = by_beside.items()
+            for other in sorted(set(BESIDE.values()) - {beside}):
+                if (kind, beside) in out.corun:
+                    out.corun[(kind, other)] = out.corun[(kind, beside)]
 
 
 # --------------------------------------------------------------------------------- writing tables
@@ -240,13 +285,22 @@ def write_refined(base_dir: Path, f: Fit, out: Path, provenance: dict) -> None:
             df["latency_s"] *= factor
             df["latency_std_s"] *= factor
             df.to_csv(path, index=False, float_format="%.6e", lineterminator="\n")
+    if f.corun and "interference" in files:
+        path = tmp / files["interference"]
+        df = pd.read_csv(path)
+        for (kind_a, kind_b), factor in f.corun.items():
+            m = (df.kind_a == kind_a) & (df.kind_b == kind_b) & df.method.isin(UNPARTITIONED)
+            df.loc[m, "slowdown_a"] = np.maximum(1.0, df.loc[m, "slowdown_a"] * factor)
+            df.loc[m, "latency_a_s"] = df.loc[m, "latency_a_alone_s"] * df.loc[m, "slowdown_a"]
+        df.to_csv(path, index=False, float_format="%.6e", lineterminator="\n")
     meta["refined"] = {
         **provenance,
         "laws": {k: {"scale": v.scale, "iterations": v.iterations} for k, v in f.laws.items()},
         "train_factors": dict(f.train),
         "train_factors_from": dict(f.train_from),
-        "rule": "latency_s x scale (prefill, decode); training tables x factor "
-                "(calibrate/refine.py)",
+        "corun_factors": {f"{a} beside {b}": v for (a, b), v in f.corun.items()},
+        "rule": "latency_s x scale (prefill, decode); training tables x factor; plain co-run slowdown_a x "
+                "factor, at least 1 (calibrate/refine.py)",
     }
     (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     CostModel.load(tmp)          # refuses anything the simulator would refuse, before it is in place
@@ -340,13 +394,18 @@ def refine(run_dirs: list[str | Path], out: str | Path, tables: str | Path | Non
         errors = held_out(runs, base_predictions, block_s, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    f = fit(runs, base_predictions, other_training)
+    try:
+        interference = InterferenceTable.load(base)
+    except TableError:
+        interference = None
+    f = fit(runs, base_predictions, other_training, interference)
     provenance = {"base": str(Path(base).resolve()), "runs": [str(r.path.resolve()) for r in runs],
                   "held_out": errors, "block_s": block_s}
     write_refined(base, f, out, provenance)
     report = {"out": str(out), **provenance,
               "laws": {k: vars(v) for k, v in f.laws.items()}, "train_factors": f.train,
-              "train_factors_from": f.train_from}
+              "train_factors_from": f.train_from,
+              "corun_factors": {f"{a} beside {b}": v for (a, b), v in f.corun.items()}}
     (out / "refine.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if not quiet:
         print(format_report(report))

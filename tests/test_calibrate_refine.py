@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.refine import fit_law, iteration_kind, KINDS, refine, wake_up
+from calibrate.refine import fit_law, iteration_kind, KINDS, predict, refine, wake_up
 from simcolo.costs import CostModel
+from simcolo.costs.interference_table import InterferenceTable
 from simcolo.paths import PROJECT_ROOT
 
 
@@ -51,7 +52,29 @@ def test_the_calibration_is_the_kernel_sweep_fitted_to_the_engine_run(cpu_calibr
     assert refined["train_factors"]["lora_step"] == train and refined["train_factors_from"] == {"lora_step": "train_stage"}
     a, b = pd.read_csv(kernel / "lora_step.csv"), pd.read_csv(out / "lora_step.csv")
     assert np.allclose(b.latency_s, train * a.latency_s, rtol=1e-5)
-    assert pd.read_csv(kernel / "interference.csv").equals(pd.read_csv(out / "interference.csv"))
+    # the iterations that ran with training beside them refine the plain co-run slowdowns: measured over
+    # the refined solo law times the table's slowdown (beside LoRA by the same factor, the run trained full
+    # tasks); the time-share (partition) rows stay as measured
+    base = InterferenceTable.load(kernel)
+    pred = predict(CostModel.load(kernel), it)
+    ia, ib = pd.read_csv(kernel / "interference.csv"), pd.read_csv(out / "interference.csv")
+    corun = refined["corun_factors"]
+    measured = (it.end_s - it.start_s + wake).to_numpy()
+    beside = it.training_beside.to_numpy(bool)
+    assert beside.any() and (~beside).any()
+    for kind in KINDS:
+        m = (iteration_kind(it) == kind).to_numpy() & beside
+        if not m.any():
+            continue
+        c = measured[m].sum() / (refined["laws"][kind]["scale"] * pred[m].sum() * base.slowdown(kind, "train", None)[0])
+        assert corun[f"{kind} beside train"] == pytest.approx(c, rel=1e-9) == corun[f"{kind} beside lora"]
+        for kind_b in ("train", "lora"):
+            rows = (ia.kind_a == kind) & (ia.kind_b == kind_b) & (ia.method == "threads")
+            assert rows.any()
+            assert np.allclose(ib.slowdown_a[rows], np.maximum(1.0, ia.slowdown_a[rows] * c), rtol=1e-5)
+    part = ia.method == "time_share"
+    assert part.any() and np.allclose(ib.slowdown_a[part], ia.slowdown_a[part])
+    assert "decode beside train" in corun
 
 
 def test_refine_on_a_replay_of_this_machine_lowers_the_held_out_error(cpu_calibration, tmp_path):
