@@ -81,8 +81,8 @@ class SharedCompute:
         self._last_s = since
         kernel = Kernel(kind, work_s, None, on_done)
         kernel.started_s = since
+        rate = kernel.rate = self.alone_rate(kind)
         self.running.append(kernel)
-        rate = kernel.rate = self._rates([kind])[0]
         kernel.end_s = end = since + work_s / rate
         self._arm(kernel, end)
         return kernel
