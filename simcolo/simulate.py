@@ -65,6 +65,7 @@ def simulate(cfg, out_dir: str | Path | None = None, progress: bool = False) -> 
             backend.on_request_arrival()
             system.dispatch(r)
         arrivals = ArrivalFeed(env, workload, dispatch)
+        backend.watch_arrivals(arrivals)
     else:
         backend = SimBackend(env, run, policy, plan, sink, itl, seed)
         system = backend.system

@@ -1,7 +1,9 @@
 """Training in closed form. Isolated: one step's template against the event-by-event pipeline, and runs
 that advance many steps per event against runs with one event per step (the same results, bit for bit).
 Finetuners on idle decode instances: runs whose idle micro-batches advance in chains against runs of one
-micro-batch at a time (the same results, to float rounding), and the counted sequence pool they rest on."""
+micro-batch at a time (the same results, to float rounding), and the counted sequence pool they rest on.
+Co-located pipelines on idle nodes: runs whose idle cycles advance in closed form against runs event by
+event, the placement rule that closes their loops, and the cycle arithmetic."""
 import math
 
 import numpy as np
@@ -9,13 +11,16 @@ import pandas as pd
 import pytest
 
 from conftest import run_sim
+from simcolo.colocation.nodes import RunningStats
 from simcolo.hardware.compute import SharedCompute
 from simcolo.hardware.environment import SimEnvironment
 from simcolo.hardware.memory import MemoryPool
 from simcolo.training.data import TrainTask
 from simcolo.training.lora_finetuner import SequencePool
+from simcolo.training.node_cycles import Cycles, CycleState
 from simcolo.training.pipeline import StageSpec, run_step, step_template
 from simcolo.training.schedules import SCHEDULES
+from simcolo.workload.request import Request
 
 CASES = [  # S, M, forward per stage, backward per stage, link, optimizer per stage
     (1, 3, [1.0], [2.0], 0.0, [0.5]),
@@ -101,10 +106,12 @@ SPARSE = ["cluster=h100x8", "workload=poisson", "workload.rate_rps=0.01", "workl
 CHAIN_KEY = "finetune_microbatches_in_chains"
 
 
-def _same_to_rounding(chains, steps):
+def _same_to_rounding(chains, steps, counter=CHAIN_KEY, step_rtol=1e-12):
+    """Runs with a closed form on (``chains``) and off (``steps``): the same results to float rounding;
+    ``counter`` counts what the closed form advanced (0 with it off)."""
     a, b = dict(chains.summary), dict(steps.summary)
-    assert b[CHAIN_KEY] == 0
-    a.pop(CHAIN_KEY), b.pop(CHAIN_KEY)
+    assert b[counter] == 0
+    a.pop(counter), b.pop(counter)
     assert a.keys() == b.keys()
     for k in a:
         x, y = a[k], b[k]
@@ -118,7 +125,7 @@ def _same_to_rounding(chains, steps):
     ta, tb = (t.sort_values(["trainer", "version"]).reset_index(drop=True) for t in (chains.training, steps.training))
     pd.testing.assert_frame_equal(ta.drop(columns=["start_s", "end_s"]), tb.drop(columns=["start_s", "end_s"]))
     for c in ("start_s", "end_s"):
-        np.testing.assert_allclose(ta[c].to_numpy(), tb[c].to_numpy(), rtol=1e-12)
+        np.testing.assert_allclose(ta[c].to_numpy(), tb[c].to_numpy(), rtol=step_rtol)
     ra, rb = chains.requests(), steps.requests()
     for c in ra.columns:
         if ra[c].dtype.kind == "f":
@@ -213,3 +220,81 @@ def test_sequence_pool_recycles_a_backlog_in_bulk_as_one_by_one():
     assert bulk.available == one.available == 12 - 2
     assert [t.id for t in bulk.tasks] == [1, 2, 3, 0]   # rotated by 9: the same objects queued again
     assert bulk.take(5)[0][1] == one.take(5)[0][1] == 1   # both hand out the front task's last sequence first
+
+
+# ---------------------------------------------------------------------- co-located pipelines: idle cycles
+#: 3 requests over ~6 simulated hours on 8 H100s (4 nodes of 2 stages): full training beside, nodes idle
+PIPE_SPARSE = ["cluster=h100x8", "workload=poisson", "workload.rate_rps=0.000165", "workload.num_requests=3",
+               "metrics.timeline_interval_s=600"]
+CYCLE_KEY = "train_periods_in_closed_form"
+
+
+@pytest.mark.parametrize("policy", ["mix_rr", "mix_luf", "mix_random"])
+def test_idle_cycles_give_the_results_of_event_by_event_pipelines(policy):
+    cycles = run_sim(*PIPE_SPARSE, f"policy={policy}")
+    steps = run_sim(*PIPE_SPARSE, f"policy={policy}", "sim.training_spans=false")
+    # thousands of optimizer steps, nearly all of them in closed form; each request served beside them
+    assert steps.summary["optimizer_steps"] > 2000
+    assert cycles.summary[CYCLE_KEY] * 16 > 0.9 * cycles.summary["train_tasks_done"]
+    assert cycles.summary["num_finished"] == 3
+    # ends of steps summed period by period against kernel by kernel: ~1e-8 s of ~2e4 s
+    _same_to_rounding(cycles, steps, CYCLE_KEY, step_rtol=1e-10)
+
+
+def test_a_backlog_replacement_goes_home_only_while_nothing_is_served():
+    r = run_sim(*PIPE_SPARSE, "policy=mix_rr", "sim.training_spans=false")
+    placement, now = r.backend.placement, r.backend.env.now
+    assert placement.serving_nothing()
+    homes = [2, 2, 2, 2]
+    tasks = [TrainTask(10_000 + i, now, 4, 4096, home=h) for i, h in enumerate(homes)]
+    for t in tasks:
+        placement.place(t)
+    assert [t.node for t in tasks] == homes            # round robin not asked: each stays home
+    # a request waiting on node 0: the policy places every task again (round robin: all four nodes)
+    r.backend.nodes[0].instance.waiting.append(Request(99, now, 16, 4))
+    assert not placement.serving_nothing() and not placement.closed_loops()
+    tasks = [TrainTask(20_000 + i, now, 4, 4096, home=2) for i in range(4)]
+    for t in tasks:
+        placement.place(t)
+    assert sorted(t.node for t in tasks) == [0, 1, 2, 3]
+
+
+def test_running_stats_take_repeated_values_as_one_by_one():
+    rng = np.random.default_rng(3)
+    one, bulk = RunningStats(), RunningStats()
+    for x in rng.normal(1000.0, 30.0, 7):
+        one.add(x)
+        bulk.add(x)
+    for _ in range(500):
+        one.add(16384.0)
+    bulk.add_repeated(16384.0, 500)
+    assert bulk.n == one.n
+    assert bulk.mean == pytest.approx(one.mean, rel=1e-12)
+    assert bulk.std == pytest.approx(one.std, rel=1e-9)
+
+
+def _cycle(phase_s=0.0, k=3):
+    """A period of 10 s measured from t=100 s: stage 0 busy 1-4 s and 6-7 s, activations held 2-8 s, a
+    version at 9 s."""
+    first = CycleState(100.0, (), (), (50.0,), (50.0,), (0.0,), 0.0, 0, 0, 0, (0,), 0)
+    last = CycleState(110.0, (), (), (54.0,), (54.0,), (4.0,), 10.0, 2, 8, 0, (1,), 1)
+    return Cycles(200.0, 10.0, k, first, last, [[(1.0, 4.0), (6.0, 7.0)]], [[(2.0, 5e9), (8.0, -5e9)]], [1e9],
+                  np.array([9.0]), phase_s)
+
+
+def test_cycles_read_busy_time_activations_and_steps_inside_the_periods():
+    c = _cycle()
+    assert c.end_s == 230.0
+    assert c.busy_s(0, 203.0) == pytest.approx(2.0)        # 1-3 s of the first period
+    assert c.busy_s(0, 216.5) == pytest.approx(4.0 + 3.5)  # a period, then 1-4 and 6-6.5
+    assert c.busy_s(0, 999.0) == pytest.approx(12.0)       # clipped to the 3 periods
+    assert c.activations_moved(0, 205.0) == 5e9 and c.activations_moved(0, 219.0) == 0.0
+    np.testing.assert_allclose(c.step_ends(), [209.0, 219.0, 229.0])
+    assert c.scaled("tasks") == 6 and c.scaled("busy") == [12.0]
+    # the loop came back 5 s into the measured period: the same periods, read from there
+    c = _cycle(phase_s=5.0)
+    assert c.busy_s(0, 202.0) == pytest.approx(1.0)        # 6-7 s of the period
+    assert c.busy_s(0, 208.0) == pytest.approx(1.0 + 2.0)  # then the next period's 1-3 s
+    assert c.activations_moved(0, 204.0) == -5e9            # released at 8 s, held again from 12 s
+    assert c.activations_moved(0, 208.0) == 0.0
+    np.testing.assert_allclose(c.step_ends(), [204.0, 214.0, 224.0])

@@ -19,6 +19,17 @@ class RunningStats:
         self.mean += d / self.n
         self._m2 += d * (x - self.mean)
 
+    def add_repeated(self, x: float, count: int) -> None:
+        """``count`` values equal to ``x`` at once (Chan et al.'s merge of two groups; exact when ``x`` is
+        the mean already, as a backlog's equal tasks are)."""
+        if count <= 0:
+            return
+        n = self.n + count
+        d = x - self.mean
+        self.mean += d * count / n
+        self._m2 += d * d * self.n * count / n
+        self.n = n
+
     @property
     def std(self) -> float:
         return math.sqrt(self._m2 / (self.n - 1)) if self.n > 1 else 0.0
@@ -91,6 +102,11 @@ class Node:
     def queue_blocked(self) -> bool:
         return self.instance.queue_blocked()
 
+    def serves_nothing(self) -> bool:
+        """No request waiting, prefilling or decoding on the node's serving instance."""
+        inst = self.instance
+        return not (inst.running or inst.prefilling or inst.waiting)
+
     def decode_load(self) -> tuple[int, int]:
         """(sequences decoding or admitted, their KV tokens) on the node's serving instance."""
         inst = self.instance
@@ -104,11 +120,24 @@ class Node:
         self.last_arrival_s = now
         self._stats[1 if training else 0].add(length)
 
+    def placed_repeatedly(self, last_s: float, length: float, count: int) -> None:
+        """``count`` training tasks of ``length`` placed here, the last at ``last_s`` (cycles of a closed
+        loop advanced at once)."""
+        self.last_arrival_s = last_s
+        self._stats[1].add_repeated(length, count)
+
 
 class TrainingPlacement:
     """Offers training tasks to a pipeline policy over co-located nodes (both backends use this): a task
     the policy defers waits in ``deferred`` and is offered again, oldest first, by ``retry`` (called
-    whenever a training task finishes). ``clock.now`` is the backend's time."""
+    whenever a training task finishes). ``clock.now`` is the backend's time.
+
+    One rule is the layout's, not the policy's: while no node serves anything, a backlog task that
+    replaces one finished on a node goes to that node (``TrainTask.home``) without asking the policy.
+    With nothing to serve there is nothing for a placement to trade training against, and each node's
+    pipeline then runs a closed loop that repeats itself, which the simulator advances a cycle at a
+    time (``training.node_pipeline``). The policy places every other task, and all tasks once a request
+    is in the system."""
 
     def __init__(self, policy, nodes: list, clock):
         self.policy, self.nodes, self.clock = policy, nodes, clock
@@ -117,7 +146,18 @@ class TrainingPlacement:
     def counters(self) -> dict:
         return {"train_deferred_tasks": len(self.deferred)}
 
+    def serving_nothing(self) -> bool:
+        return all(n.serves_nothing() for n in self.nodes)
+
+    def closed_loops(self) -> bool:
+        """Each node's training is a closed loop now: nothing is served and nothing is deferred (a
+        deferred task could be offered to any node when a task finishes)."""
+        return not self.deferred and self.serving_nothing()
+
     def place(self, task) -> None:
+        if task.home >= 0 and self.serving_nothing():
+            self._put(task, task.home)
+            return
         i = self._choose(task)
         if i is None:
             self.deferred.append(task)

@@ -7,6 +7,10 @@ slowdowns. What the plan decided (GPUs, memory, costs, checks) is not decided ag
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from simcolo.backend import Backend
 from simcolo.colocation.nodes import Node, NoPipeline, TrainingPlacement, memory_gate
 from simcolo.hardware.cluster import Cluster, Topology
@@ -22,6 +26,7 @@ class SimBackend(Backend):
     def __init__(self, env, run, policy, plan, on_done, itl, seed: int):
         super().__init__(run, policy, plan)
         self.env = env
+        self.arrivals = None
         self.cluster = cluster = Cluster(env, Topology.from_config(run.gpu, run.cluster))
         cluster.apply(plan.allocations)
         if plan.kind != "serving":
@@ -69,15 +74,44 @@ class SimBackend(Backend):
         gate = None
         if p.memory_threshold is not None:
             gate = memory_gate(system, self.cluster, p.memory_threshold, lambda: self.env.now)
+        cycles = self.run.sim.training_spans and self.training.data.kind == "backlog"
         for i, inst in enumerate(system.instances):
             pipe = NodePipeline(self.env, i, [gpus[g] for g in inst.gpus], list(p.forward_s), list(p.backward_s),
                                 list(p.optimizer_s), list(p.activation_bytes), p.link_s[i], p.global_batch, p.release,
-                                p.max_inflight, self._task_done, self._node_version, gate)
+                                p.max_inflight, self._task_done, self._node_version, gate,
+                                host=self if cycles else None)
             self.trainers.append(pipe)
             self.nodes.append(Node(i, inst, pipe, per_token))
         self.placement = TrainingPlacement(self.policy, self.nodes, self.env)
         self.training_parts = [self.placement]
         self._place = self.placement.place
+        if cycles:
+            system.settle_training = lambda: [pipe.show(self.env.now) for pipe in self.trainers]
+
+    # the pipelines' CycleHost (training.node_pipeline): idle cycles advanced in closed form
+    def closed_loops(self) -> bool:
+        return self.placement.closed_loops()
+
+    def horizon_s(self) -> float:
+        """The next request's arrival, or the run's time limit if sooner (``watch_arrivals``)."""
+        nxt = self.arrivals.next_s if self.arrivals is not None else math.inf
+        limit = self.run.sim.max_time_s
+        return nxt if limit is None else min(nxt, float(limit))
+
+    def watch_arrivals(self, arrivals) -> None:
+        """The request feed whose next arrival bounds cycles advanced in closed form."""
+        self.arrivals = arrivals
+
+    def credit_cycles(self, pipe: NodePipeline, cycles, tasks: int, first_version: int) -> None:
+        self._tasks_recycled(tasks)
+        t = self.training
+        node = self.nodes[pipe.index]
+        node.placed_repeatedly(node.last_arrival_s + cycles.k * cycles.period_s, t.micro_batch * t.seq_len, tasks)
+        ends = cycles.step_ends()
+        if len(ends):
+            self.records.add_steps(pipe.index, first_version, np.full(len(ends), np.nan), ends, t.global_batch,
+                                   np.full(len(ends), t.global_batch * t.micro_batch * t.seq_len))
+        self.system.instances[pipe.index].model_version = pipe.version
 
     # ------------------------------------------------------------------ LoRA finetuning on decode GPUs
     def _finetune(self, p: FinetunePlan) -> None:

@@ -120,8 +120,9 @@ class MetricsConfig:
 class SimConfig:
     """The simulated clock (``sim`` in conf/config.yaml): ``max_time_s`` stops it (None: run until every
     request is done); ``training_spans`` advances training in closed form where it repeats: isolated
-    training's identical steps many per event, and a finetuner's micro-batches on an idle decode instance
-    as one chain (false: one event per step or micro-batch, the same results; a finetuner's to float
+    training's identical steps many per event, a finetuner's micro-batches on an idle decode instance
+    as one chain, and a co-located pipeline's repeating cycles while no node serves anything (false: one
+    event per step, micro-batch or kernel, the same results; a finetuner's and a pipeline's to float
     rounding)."""
 
     max_time_s: float | None

@@ -159,6 +159,10 @@ class SharedCompute:
             return busy + (now - self._last_s)
         return busy
 
+    def train_busy_at(self, now: float) -> float:
+        """Seconds with a training kernel running up to ``now`` (a pure query, like :meth:`busy_at`)."""
+        return self.train_busy_s + (now - self._last_s if self.running else 0.0)
+
     # ------------------------------------------------------------------ internals
     def _charge(self) -> None:
         now = self.env.now

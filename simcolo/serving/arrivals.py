@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Iterable, Iterator
 
 from simcolo.hardware.environment import URGENT, At, SimEnvironment
@@ -30,6 +31,11 @@ class ArrivalFeed:
             self.done = True
             return
         At(self.env, r.arrival_s, priority=URGENT).callbacks.append(self._arrive)
+
+    @property
+    def next_s(self) -> float:
+        """When the next request arrives (infinity: none left)."""
+        return math.inf if self._next is None else self._next.arrival_s
 
     def _arrive(self, _event) -> None:
         r = self._next

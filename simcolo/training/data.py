@@ -35,6 +35,7 @@ class TrainTask:
     seq_len: int             # tokens per sequence
     job: int = -1
     node: int = -1           # where it was placed
+    home: int = -1           # a backlog's replacement: the node its predecessor finished on (-1: none)
     start_s: float = -1.0    # entered its pipeline
     finish_s: float = -1.0   # backward of its first stage done
 
@@ -80,8 +81,8 @@ class TrainingStream:
         """The stream of a typed training config (``simcolo.config.FullTraining`` or ``LoraFinetune``)."""
         return cls(clock, training.data, training.micro_batch, training.seq_len, seed, on_task)
 
-    def _new(self, job: int = -1) -> None:
-        task = TrainTask(self.created, self.env.now, self.micro_batch, self.seq_len, job)
+    def _new(self, job: int = -1, home: int = -1) -> None:
+        task = TrainTask(self.created, self.env.now, self.micro_batch, self.seq_len, job, home=home)
         self.created += 1
         self.on_task(task)
 
@@ -123,4 +124,4 @@ class TrainingStream:
     def task_done(self, task: TrainTask) -> None:
         self.completed += 1
         if self.kind == "backlog":
-            self._new()
+            self._new(home=task.node)

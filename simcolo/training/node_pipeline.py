@@ -9,27 +9,54 @@ compute, so it co-runs with the node's serving iterations, slowed by interferenc
 gradients reach the next stage ``link_s`` later; a forward held by memory or the gate (LeMix's memory
 threshold) is re-checked every ``gate_poll_s``. When every stage has taken step k, the replica's model
 version is k (the co-located serving replica serves it at once).
+
+While the node's training is a closed loop (no node serves anything, nothing is deferred: see
+``training.node_cycles``), the pipeline watches for a cycle: when the state after a task equals the state
+``global_batch`` tasks earlier, it advances whole cycles in closed form up to the next request's arrival
+(``Cycles``), and resumes event by event from there.
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections import deque
+from dataclasses import replace
+from typing import Callable, Protocol
+
+import numpy as np
 
 from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.metrics.training_summary import TrainerReport
 from simcolo.training.data import TrainTask
+from simcolo.training.node_cycles import Cycles, CycleState
 from simcolo.training.pipeline_rules import GATED, PipelineRules
 
 KERNEL_KINDS = {"F": "train_forward", "B": "train_backward", "O": "optimizer"}
 
 
+class CycleHost(Protocol):
+    """What the backend tells a pipeline about the rest of the run, for advancing idle cycles."""
+
+    def closed_loops(self) -> bool:
+        """Every node's training is a closed loop now (see ``TrainingPlacement.closed_loops``)."""
+
+    def horizon_s(self) -> float:
+        """The earliest time something from outside can reach a node (the next request; the run's end)."""
+
+    def credit_cycles(self, pipe: "NodePipeline", cycles: Cycles, tasks: int, first_version: int) -> None:
+        """Count what ``cycles`` did outside the pipeline: ``tasks`` finished and replaced on the node, its
+        versions (``first_version`` and on, ending at ``cycles.step_ends()``)."""
+
+
 class NodePipeline:
-    """One co-located node's training pipeline on the simulator's clock (see the module docstring)."""
+    """One co-located node's training pipeline on the simulator's clock (see the module docstring).
+    ``host``: where idle cycles are advanced in closed form (None: never, event by event)."""
 
     def __init__(self, env: SimEnvironment, index: int, gpus: list, forward_s: list[float], backward_s: list[float],
                  optimizer_s: list[float], activation_bytes: list[float], link_s: float, global_batch: int,
                  release: str, max_inflight: int, on_task_done: Callable[[TrainTask], None],
                  on_version: Callable[["NodePipeline"], None],
-                 gate: Callable[[int, float], bool] | None = None, gate_poll_s: float = 0.005):
+                 gate: Callable[[int, float], bool] | None = None, gate_poll_s: float = 0.005,
+                 host: CycleHost | None = None):
         self.rules = PipelineRules(index, [g.index for g in gpus], [g.memory for g in gpus], forward_s, backward_s,
                                    optimizer_s, activation_bytes, global_batch, release, max_inflight, gate)
         self.env, self.index, self.gpus, self.S = env, index, gpus, self.rules.S
@@ -37,6 +64,22 @@ class NodePipeline:
         self.on_task_done, self.on_version = on_task_done, on_version
         self.running: list[tuple[str, object] | None] = [None] * self.S   # (op, Kernel) running on each stage
         self._polling = [False] * self.S
+        self._links: dict[At, tuple[str, int, TrainTask, float]] = {}   # transfers in flight: (F|B, to stage, task, at)
+        self.host = host
+        self.cycling: Cycles | None = None
+        self.cycles_advanced = 0       # periods advanced in closed form
+        if host is not None:
+            n = global_batch + 1
+            self._states: deque[CycleState] = deque(maxlen=global_batch)   # after each task, while a loop
+            self._ops = [deque(maxlen=8 * n) for _ in range(self.S)]       # (op, start, end) of ended ops
+            self._version_times: deque[float] = deque(maxlen=2 * n)
+            self._parked: list = []    # (stage, op, on_done, work left, started) of kernels held while cycling
+            self._parked_links: list = []  # (F|B, to stage, task, seconds left) of transfers held
+            self._shown = [0.0] * self.S   # activations moved on the pools for a sample inside cycles
+            self._known: Cycles | None = None   # the last cycle measured, and its points by shape
+            self._known_points: dict[tuple, list[tuple[float, CycleState]]] = {}
+            for s, g in enumerate(gpus):
+                g.compute.offline = (lambda now, s=s: 0.0 if self.cycling is None else self.cycling.busy_s(s, now))
 
     @property
     def version(self) -> int:
@@ -44,6 +87,9 @@ class NodePipeline:
 
     # ------------------------------------------------------------------ intake
     def place(self, task: TrainTask) -> None:
+        if self.cycling is not None:
+            raise RuntimeError(f"node {self.index}: a task placed at {self.env.now} inside cycles advanced to "
+                               f"{self.cycling.end_s}")
         self.rules.place(task)
         self._release()
 
@@ -76,35 +122,207 @@ class NodePipeline:
         rules = self.rules
         _, kernel = self.running[s]
         self.running[s] = None
-        rules.stage_busy_s[s] += self.env.now - kernel.started_s
+        now = self.env.now
+        rules.stage_busy_s[s] += now - kernel.started_s
+        if self.host is not None:
+            self._ops[s].append((op, kernel.started_s, now))
+        finished = False
         if op == "F":
             if rules.forward_done(s, task):
-                self._send(lambda: self._arrive(rules.ready_f, s + 1, task))
+                self._send("F", s + 1, task)
         elif op == "B":
             if rules.backward_done(s, task):
-                self._send(lambda: self._arrive(rules.ready_b, s - 1, task))
+                self._send("B", s - 1, task)
             else:
                 self._task_done(task)
+                finished = True
         elif rules.step_done(s):
+            if self.host is not None:
+                self._version_times.append(now)
             self.on_version(self)
         self._kick(s)
         if s == 0 and rules.release == "async":
             self._release()
+        if finished and self.host is not None:
+            self._after_task()
 
-    def _send(self, fn) -> None:
+    def _send(self, kind: str, s: int, task) -> None:
+        """Hand ``task``'s activations (``F``) or gradient (``B``) to stage ``s``, ``link_s`` from now."""
         if self.link_s > 0:
-            At(self.env, self.env.now + self.link_s).callbacks.append(lambda _ev: fn())
+            self._link(kind, s, task, self.env.now + self.link_s)
         else:
-            fn()
+            self._arrive(kind, s, task)
 
-    def _arrive(self, queues, s: int, task) -> None:
-        queues[s].append(task)
+    def _link(self, kind: str, s: int, task, at: float) -> None:
+        ev = At(self.env, at)
+        self._links[ev] = (kind, s, task, at)
+        ev.callbacks.append(self._land)
+
+    def _land(self, ev) -> None:
+        link = self._links.pop(ev, None)
+        if link is not None:   # else parked by cycles advanced in closed form, and re-sent after them
+            self._arrive(*link[:3])
+
+    def _arrive(self, kind: str, s: int, task) -> None:
+        (self.rules.ready_f if kind == "F" else self.rules.ready_b)[s].append(task)
         self._kick(s)
 
     def _task_done(self, task: TrainTask) -> None:
         self.rules.task_done(task, self.env.now)
         self.on_task_done(task)
         self._release()
+
+    # ------------------------------------------------------------------ idle cycles (training.node_cycles)
+    def _after_task(self) -> None:
+        """A task just finished: while the training is a closed loop, note the state, and advance whole
+        cycles when it repeats the state of ``global_batch`` tasks ago, or a point of the last cycle
+        measured (the loop came back to it after a request disturbed it)."""
+        host, states = self.host, self._states
+        if not (host.closed_loops() and self._alone()):
+            states.clear()
+            return
+        state = self._state()
+        horizon = host.horizon_s()
+        if math.isfinite(horizon):
+            cycle = None
+            if len(states) == states.maxlen and states[0].same_point(state) and state.t > states[0].t:
+                cycle = self._measure(states, state)
+            else:
+                phase = self._known_phase(state)
+                if phase is not None:
+                    cycle = replace(self._known, phase_s=phase)
+            if cycle is not None:
+                k = math.ceil((horizon - state.t) / cycle.period_s) - 1   # the most that end before the horizon
+                if k >= 1:
+                    states.clear()
+                    self._advance(replace(cycle, t0=state.t, k=k))
+                    return
+        states.append(state)
+
+    def _known_phase(self, state: CycleState) -> float | None:
+        """Where ``state`` falls in the last cycle measured, if it is one of its points."""
+        for phase, point in self._known_points.get(state.shape, ()):
+            if point.same_point(state):
+                return phase
+        return None
+
+    def _alone(self) -> bool:
+        """Nothing but this pipeline on its GPUs, and no forward waiting on the memory gate."""
+        return not any(self._polling) and all(not g.compute.residents for g in self.gpus)
+
+    def _state(self) -> CycleState:
+        now, rules, g = self.env.now, self.rules, self.rules.global_batch
+        shape, times = [], []
+        for s in range(self.S):
+            run = self.running[s]
+            shape.append(None if run is None else run[0])
+            if run is not None:
+                times.append(run[1].started_s - now)
+            pool = self.gpus[s].memory   # in TB, to the tolerance: what its forwards must fit beside
+            times += [pool.by_use.get("train_activations", 0.0) * 1e-12, pool.used * 1e-12]
+        links = sorted((kind, s, at - now) for kind, s, _, at in self._links.values()) if self._links else []
+        shape += [(kind, s) for kind, s, _ in links]
+        times += [at for _, _, at in links]
+        steps0 = min(rules.steps_done)
+        shape += [len(rules.pending), rules.inflight, rules._stage0_free, rules._active_since is None,
+                  tuple(map(len, rules.ready_f)), tuple(map(len, rules.ready_b)), tuple(rules.n_f), tuple(rules.n_b),
+                  tuple(b % g for b in rules.backwards_done), tuple(rules.opt_due),
+                  tuple(x - steps0 for x in rules.steps_done)]
+        if rules._active_since is not None:
+            times.append(rules._active_since - now)
+        computes = [gpu.compute for gpu in self.gpus]
+        active = rules.active_s + (0.0 if rules._active_since is None else now - rules._active_since)
+        return CycleState(now, tuple(shape), tuple(times),
+                          tuple(c.busy_at(now) for c in computes), tuple(c.train_busy_at(now) for c in computes),
+                          tuple(rules.stage_busy_s), active, rules.tasks_done, rules.sequences_done, rules.tokens_done,
+                          tuple(rules.steps_done), rules.version)
+
+    def _measure(self, states, last: CycleState) -> Cycles:
+        """The cycle from ``states[0]`` to ``last`` (now), with no periods to advance yet; remembered, with
+        the states in between as its points."""
+        first = states[0]
+        t0, t1 = first.t, last.t
+        spans, acts, held = [], [], []
+        for s in range(self.S):
+            ops = [(op, a, b) for op, a, b in self._ops[s] if b > t0]
+            run = self.running[s]
+            if run is not None:
+                ops.append((run[0], run[1].started_s, t1))
+            spans.append([(max(a, t0) - t0, b - t0) for _, a, b in ops if b > a])
+            steps = [(a - t0, self.rules.act[s]) for op, a, _ in ops if op == "F" and a > t0]
+            steps += [(b - t0, -self.rules.act[s]) for op, _, b in ops if op == "B" and b <= t1]
+            acts.append(sorted(steps))
+            held.append(self.gpus[s].memory.by_use.get("train_activations", 0.0)
+                        - sum(n for _, n in steps))
+        offsets = np.array([v - t0 for v in self._version_times if t0 < v <= t1])
+        self._known = Cycles(t1, t1 - t0, 0, first, last, spans, acts, held, offsets)
+        self._known_points = {}
+        for point in states:
+            self._known_points.setdefault(point.shape, []).append((point.t - t0, point))
+        return self._known
+
+    def _advance(self, cyc: Cycles) -> None:
+        """Advance the ``cyc.k`` periods of ``cyc`` from now in closed form: park the kernels and transfers
+        in flight, and take them up again ``k`` periods later (:meth:`_resume`)."""
+        t1 = cyc.t0
+        self.cycling = cyc
+        for s in range(self.S):
+            run = self.running[s]
+            if run is not None:
+                op, kernel = run
+                left = self.gpus[s].compute.cancel(kernel)
+                self._parked.append((s, op, kernel.on_done, left, kernel.started_s))
+        self._parked_links = [(kind, s, task, at - t1) for kind, s, task, at in self._links.values()]
+        self._links.clear()
+        At(self.env, cyc.end_s).callbacks.append(lambda _ev: self._resume())
+
+    def _resume(self) -> None:
+        """The end of the cycles advanced: credit them, and take up the kernels and transfers parked."""
+        cyc, rules, now = self.cycling, self.rules, self.env.now
+        self.show(None)
+        shift = now - cyc.t0
+        for s, (busy, train) in enumerate(zip(cyc.scaled("busy"), cyc.scaled("train_busy"))):
+            c = self.gpus[s].compute
+            c.busy_s += busy
+            c.train_busy_s += train
+        for s, add in enumerate(cyc.scaled("stage_busy")):
+            rules.stage_busy_s[s] += add
+        for s, add in enumerate(cyc.scaled("steps")):
+            rules.steps_done[s] += add
+        rules.active_s += cyc.scaled("active")
+        if rules._active_since is not None:
+            rules._active_since += shift
+        tasks = cyc.scaled("tasks")
+        rules.tasks_done += tasks
+        rules.sequences_done += cyc.scaled("sequences")
+        rules.tokens_done += cyc.scaled("tokens")
+        first_version = rules.version + 1
+        rules.version += cyc.scaled("version")
+        self.cycles_advanced += cyc.k
+        self.cycling = None
+        self.host.credit_cycles(self, cyc, tasks, first_version)
+        parked, self._parked = self._parked, []
+        for s, op, on_done, left, started in parked:
+            kernel = self.gpus[s].compute.resume(KERNEL_KINDS[op], left, now, on_done)
+            kernel.started_s = started + shift
+            self.running[s] = (op, kernel)
+        for kind, s, task, delay in self._parked_links:
+            self._link(kind, s, task, now + delay)
+        self._parked_links = []
+
+    def show(self, now: float | None) -> None:
+        """Set the activations held on the pools to what they are at ``now`` inside the cycles being
+        advanced (a timeline sample reads them); None: back to the state the cycles park."""
+        if self.cycling is None and now is not None:
+            return
+        for s in range(self.S):
+            want = 0.0 if now is None else self.cycling.activations_moved(s, now)
+            delta, pool = want - self._shown[s], self.gpus[s].memory
+            if delta > 0:
+                pool.allocate("train_activations", delta)
+            elif delta < 0:
+                pool.release("train_activations", -delta)
+            self._shown[s] = want
 
     # ------------------------------------------------------------------ views for policies (pure)
     def stage_backlog_s(self, s: int) -> float:
@@ -117,7 +335,12 @@ class NodePipeline:
 
     def close(self, now: float) -> None:
         """End of the run: count the time the pipeline is still busy."""
+        if self.cycling is not None:   # cycles end before anything that can end the run (horizon_s)
+            raise RuntimeError(f"node {self.index}: the run ended at {now} inside cycles advanced to "
+                               f"{self.cycling.end_s}")
         self.rules.close(now)
 
     def report(self) -> TrainerReport:
-        return self.rules.report()
+        report = self.rules.report()
+        report.counters["train_periods_in_closed_form"] = self.cycles_advanced
+        return report
