@@ -104,7 +104,7 @@ class Backend:
         self.tasks_done += 1
         self.stream.task_done(task)
         if self.placement is not None:
-            self.placement.retry()
+            self.placement.task_finished()
 
     def _tasks_recycled(self, n: int) -> None:
         """``n`` tasks of a backlog supply finished and were replaced at once, in bulk (a trainer that

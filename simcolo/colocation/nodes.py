@@ -130,13 +130,15 @@ class Node:
 class TrainingPlacement:
     """Offers training tasks to a pipeline policy over co-located nodes (both backends use this): a task
     the policy defers waits in ``deferred`` and is offered again, oldest first, by ``retry`` (called
-    whenever a training task finishes). ``clock.now`` is the backend's time.
+    whenever a training task finishes, and as requests arrive for a policy that asks). ``clock.now`` is
+    the backend's time.
 
-    One rule is the layout's, not the policy's: while no node serves anything, a backlog task that
-    replaces one finished on a node goes to that node (``TrainTask.home``) without asking the policy.
-    With nothing to serve there is nothing for a placement to trade training against, and each node's
-    pipeline then runs a closed loop that repeats itself, which the simulator advances a cycle at a
-    time (``training.node_pipeline``). The policy places every other task, and all tasks once a request
+    One rule is the layout's, not the policy's: while no node serves anything, the placement stands. A
+    backlog task that replaces one finished on a node goes to that node (``TrainTask.home``) without
+    asking the policy, and a finished task does not offer the deferred ones again: they wait for the next
+    request. With nothing to serve there is nothing for a placement to trade training against, and each
+    node's pipeline then runs a closed loop that repeats itself, which the simulator advances a cycle at
+    a time (``training.node_pipeline``). The policy places every other task, and all tasks once a request
     is in the system."""
 
     def __init__(self, policy, nodes: list, clock):
@@ -150,9 +152,13 @@ class TrainingPlacement:
         return all(n.serves_nothing() for n in self.nodes)
 
     def closed_loops(self) -> bool:
-        """Each node's training is a closed loop now: nothing is served and nothing is deferred (a
-        deferred task could be offered to any node when a task finishes)."""
-        return not self.deferred and self.serving_nothing()
+        """Each node's training is a closed loop now (nothing is served: the placement stands)."""
+        return self.serving_nothing()
+
+    def task_finished(self) -> None:
+        """A training task finished: offer the deferred tasks again, unless the placement stands."""
+        if not self.serving_nothing():
+            self.retry()
 
     def place(self, task) -> None:
         if task.home >= 0 and self.serving_nothing():

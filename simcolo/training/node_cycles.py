@@ -1,8 +1,8 @@
 """Idle cycles of a co-located node's pipeline: what lets the simulator skip them.
 
-While no node serves anything and no task is deferred, a backlog task that finishes on a node is replaced
-on that node (``colocation.nodes.TrainingPlacement``), so each node's pipeline is a closed loop: nothing
-outside it changes what it does, its kernels run alone on its GPUs at one rate, and an optimizer step
+While no node serves anything, a backlog task that finishes on a node is replaced on that node and no
+deferred task is offered again (``colocation.nodes.TrainingPlacement``), so each node's pipeline is a
+closed loop: nothing outside it changes what it does, its kernels run alone on its GPUs at one rate, and an optimizer step
 follows every ``global_batch`` backwards. Such a loop settles into a cycle of ``global_batch`` tasks that
 repeats exactly, shifted in time.
 

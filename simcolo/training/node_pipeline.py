@@ -10,10 +10,10 @@ gradients reach the next stage ``link_s`` later; a forward held by memory or the
 threshold) is re-checked every ``gate_poll_s``. When every stage has taken step k, the replica's model
 version is k (the co-located serving replica serves it at once).
 
-While the node's training is a closed loop (no node serves anything, nothing is deferred: see
-``training.node_cycles``), the pipeline watches for a cycle: when the state after a task equals the state
-``global_batch`` tasks earlier, it advances whole cycles in closed form up to the next request's arrival
-(``Cycles``), and resumes event by event from there.
+While the node's training is a closed loop (no node serves anything: see ``training.node_cycles``), the
+pipeline watches for a cycle: when the state after a task equals the state ``global_batch`` tasks earlier
+(or a point of the last cycle it measured), it advances whole cycles in closed form up to the next
+request's arrival (``Cycles``), and resumes event by event from there.
 """
 from __future__ import annotations
 
@@ -228,8 +228,6 @@ class NodePipeline:
                   tuple(map(len, rules.ready_f)), tuple(map(len, rules.ready_b)), tuple(rules.n_f), tuple(rules.n_b),
                   tuple(b % g for b in rules.backwards_done), tuple(rules.opt_due),
                   tuple(x - steps0 for x in rules.steps_done)]
-        if rules._active_since is not None:
-            times.append(rules._active_since - now)
         computes = [gpu.compute for gpu in self.gpus]
         active = rules.active_s + (0.0 if rules._active_since is None else now - rules._active_since)
         return CycleState(now, tuple(shape), tuple(times),
