@@ -17,7 +17,7 @@ from simcolo.hardware.environment import SimEnvironment
 from simcolo.hardware.memory import MemoryPool
 from simcolo.training.data import TrainTask
 from simcolo.training.lora_finetuner import SequencePool
-from simcolo.training.node_cycles import Cycles, CycleState
+from simcolo.training.node_cycles import Cycles, CycleState, Period
 from simcolo.training.pipeline import StageSpec, run_step, step_template
 from simcolo.training.schedules import SCHEDULES
 from simcolo.workload.request import Request
@@ -285,8 +285,8 @@ def _cycle(phase_s=0.0, k=3):
     version at 9 s."""
     first = CycleState(100.0, (), (), (50.0,), (50.0,), (0.0,), 0.0, 0, 0, 0, (0,), 0)
     last = CycleState(110.0, (), (), (54.0,), (54.0,), (4.0,), 10.0, 2, 8, 0, (1,), 1)
-    return Cycles(200.0, 10.0, k, first, last, [[(1.0, 4.0), (6.0, 7.0)]], [[(2.0, 5e9), (8.0, -5e9)]], [1e9],
-                  np.array([9.0]), phase_s)
+    period = Period(first, last, [[(1.0, 4.0), (6.0, 7.0)]], [[(2.0, 5e9), (8.0, -5e9)]], [1e9], np.array([9.0]))
+    return Cycles(200.0, k, period, phase_s)
 
 
 def test_cycles_read_busy_time_activations_and_steps_inside_the_periods():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -27,7 +26,7 @@ import numpy as np
 from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.metrics.training_summary import TrainerReport
 from simcolo.training.data import TrainTask
-from simcolo.training.node_cycles import Cycles, CycleState
+from simcolo.training.node_cycles import Cycles, CycleState, Period
 from simcolo.training.pipeline_rules import GATED, PipelineRules
 
 KERNEL_KINDS = {"F": "train_forward", "B": "train_backward", "O": "optimizer"}
@@ -76,7 +75,7 @@ class NodePipeline:
             self._parked: list = []    # (stage, op, on_done, work left, started) of kernels held while cycling
             self._parked_links: list = []  # (F|B, to stage, task, seconds left) of transfers held
             self._shown = [0.0] * self.S   # activations moved on the pools for a sample inside cycles
-            self._known: Cycles | None = None   # the last cycle measured, and its points by shape
+            self._known: Period | None = None   # the last period measured, and its points by shape
             self._known_points: dict[tuple, list[tuple[float, CycleState]]] = {}
             for s, g in enumerate(gpus):
                 g.compute.offline = (lambda now, s=s: 0.0 if self.cycling is None else self.cycling.busy_s(s, now))
@@ -184,18 +183,18 @@ class NodePipeline:
         state = self._state()
         horizon = host.horizon_s()
         if math.isfinite(horizon):
-            cycle = None
+            period, phase = None, 0.0
             if len(states) == states.maxlen and states[0].same_point(state) and state.t > states[0].t:
-                cycle = self._measure(states, state)
+                period = self._measure(states, state)
             else:
                 phase = self._known_phase(state)
                 if phase is not None:
-                    cycle = replace(self._known, phase_s=phase)
-            if cycle is not None:
-                k = math.ceil((horizon - state.t) / cycle.period_s) - 1   # the most that end before the horizon
+                    period = self._known
+            if period is not None:
+                k = math.ceil((horizon - state.t) / period.period_s) - 1   # the most that end before the horizon
                 if k >= 1:
                     states.clear()
-                    self._advance(replace(cycle, t0=state.t, k=k))
+                    self._advance(Cycles(state.t, k, period, phase))
                     return
         states.append(state)
 
@@ -235,9 +234,9 @@ class NodePipeline:
                           tuple(rules.stage_busy_s), active, rules.tasks_done, rules.sequences_done, rules.tokens_done,
                           tuple(rules.steps_done), rules.version)
 
-    def _measure(self, states, last: CycleState) -> Cycles:
-        """The cycle from ``states[0]`` to ``last`` (now), with no periods to advance yet; remembered, with
-        the states in between as its points."""
+    def _measure(self, states, last: CycleState) -> Period:
+        """The period from ``states[0]`` to ``last`` (now); remembered, with the states in between as its
+        points."""
         first = states[0]
         t0, t1 = first.t, last.t
         spans, acts, held = [], [], []
@@ -253,7 +252,7 @@ class NodePipeline:
             held.append(self.gpus[s].memory.by_use.get("train_activations", 0.0)
                         - sum(n for _, n in steps))
         offsets = np.array([v - t0 for v in self._version_times if t0 < v <= t1])
-        self._known = Cycles(t1, t1 - t0, 0, first, last, spans, acts, held, offsets)
+        self._known = Period(first, last, spans, acts, held, offsets)
         self._known_points = {}
         for point in states:
             self._known_points.setdefault(point.shape, []).append((point.t - t0, point))
