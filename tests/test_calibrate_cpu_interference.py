@@ -240,10 +240,11 @@ def test_time_share_co_run_paces_side_b():
     fb()
     r = _time_share_together(lambda: time.sleep(0.002), fb, model, 0.75, 0.05)
     _check_overlap(r, 0.05)
-    t0 = time.perf_counter()
-    for _ in range(3):
+    alone = math.inf
+    for _ in range(5):   # the fastest of five: another job on the machine only slows a run down
+        t0 = time.perf_counter()
         fb()
-    alone = (time.perf_counter() - t0) / 3
+        alone = min(alone, time.perf_counter() - t0)
     # busy at most 1/4 of the time: about 4x alone (the sleeping side a leaves the cores to b); loose
     assert r.latency(1) > 2.5 * alone
 

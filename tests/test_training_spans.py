@@ -106,10 +106,10 @@ SPARSE = ["cluster=h100x8", "workload=poisson", "workload.rate_rps=0.01", "workl
 CHAIN_KEY = "finetune_microbatches_in_chains"
 
 
-def _same_to_rounding(chains, steps, counter=CHAIN_KEY, step_rtol=1e-12):
-    """Runs with a closed form on (``chains``) and off (``steps``): the same results to float rounding;
+def _same_to_rounding(fast, steps, counter=CHAIN_KEY, step_rtol=1e-12):
+    """Runs with a closed form on (``fast``) and off (``steps``): the same results to float rounding;
     ``counter`` counts what the closed form advanced (0 with it off)."""
-    a, b = dict(chains.summary), dict(steps.summary)
+    a, b = dict(fast.summary), dict(steps.summary)
     assert b[counter] == 0
     a.pop(counter), b.pop(counter)
     assert a.keys() == b.keys()
@@ -122,17 +122,17 @@ def _same_to_rounding(chains, steps, counter=CHAIN_KEY, step_rtol=1e-12):
         else:
             assert x == y, k
     # every optimizer step, made at the same time to rounding, with the same tokens
-    ta, tb = (t.sort_values(["trainer", "version"]).reset_index(drop=True) for t in (chains.training, steps.training))
+    ta, tb = (t.sort_values(["trainer", "version"]).reset_index(drop=True) for t in (fast.training, steps.training))
     pd.testing.assert_frame_equal(ta.drop(columns=["start_s", "end_s"]), tb.drop(columns=["start_s", "end_s"]))
     for c in ("start_s", "end_s"):
         np.testing.assert_allclose(ta[c].to_numpy(), tb[c].to_numpy(), rtol=step_rtol)
-    ra, rb = chains.requests(), steps.requests()
+    ra, rb = fast.requests(), steps.requests()
     for c in ra.columns:
         if ra[c].dtype.kind == "f":
             np.testing.assert_allclose(ra[c].to_numpy(), rb[c].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=c)
         else:
             assert (ra[c] == rb[c]).all(), c
-    la, lb = chains.timeline, steps.timeline
+    la, lb = fast.timeline, steps.timeline
     assert list(la.columns) == list(lb.columns) and len(la) == len(lb)
     for c in la.columns:
         np.testing.assert_allclose(la[c].to_numpy(), lb[c].to_numpy(), rtol=1e-9, atol=1e-9, err_msg=c)
