@@ -104,8 +104,7 @@ class Node:
 
     def serves_nothing(self) -> bool:
         """No request waiting, prefilling or decoding on the node's serving instance."""
-        inst = self.instance
-        return not (inst.running or inst.prefilling or inst.waiting)
+        return self.instance.sequences() == 0
 
     def decode_load(self) -> tuple[int, int]:
         """(sequences decoding or admitted, their KV tokens) on the node's serving instance."""
