@@ -17,6 +17,14 @@ def run_sim(*overrides: str, out_dir=None, plots: bool = False):
         return simulate(cfg, out_dir)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that reads the session's CPU calibration runs on one worker (``--dist loadgroup`` in
+    pyproject.toml), so that the calibration (~100 s) is made once, not once per worker."""
+    for item in items:
+        if "cpu_calibration" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("cpu_calibration"))
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     try:
@@ -53,9 +61,10 @@ def edit_meta(directory, change):
 
 @pytest.fixture(scope="session")
 def cpu_calibration(tmp_path_factory):
-    """``python -m calibrate model=tiny device=cpu out=DIR`` with the default CPU grids, once per session
-    (the calibrate/ tests read its tables; the replay tests replay against them). Its engine run is cut to
-    5 s of arrivals (15 by default): the tests check that it runs and what it writes, not its precision."""
+    """``python -m calibrate model=tiny device=cpu out=DIR`` with the default CPU grids, once per session,
+    on one worker (``pytest_collection_modifyitems``): the calibrate/ tests read its tables, the replay
+    tests replay against them. Its engine run is cut to 5 s of arrivals (15 by default): the tests check
+    that it runs and what it writes, not its precision."""
     import subprocess
     import sys
     import time
