@@ -30,7 +30,9 @@ class TrainingRecords:
     ended."""
     rows: list[tuple] = field(default_factory=list)
     blocks: list[dict] = field(default_factory=list)
-    COLUMNS = ("trainer", "version", "start_s", "end_s", "tasks", "tokens")
+    DTYPES = {"trainer": np.int64, "version": np.int64, "start_s": np.float64, "end_s": np.float64,
+              "tasks": np.int64, "tokens": np.int64}
+    COLUMNS = tuple(DTYPES)
 
     def add(self, trainer: int, version: int, start_s: float, end_s: float, tasks: int, tokens: int) -> None:
         self.rows.append((trainer, version, start_s, end_s, tasks, tokens))
@@ -46,15 +48,15 @@ class TrainingRecords:
                             "start_s": start_s, "end_s": end_s, "tasks": np.full(n, tasks), "tokens": tokens})
 
     def frame(self) -> pd.DataFrame:
-        df = pd.DataFrame(self.rows, columns=list(self.COLUMNS))
+        """One row per optimizer step, in order of end time (a stable sort: steps ending together keep
+        the order they were recorded in). Built column by column: a finetune week has millions of steps."""
+        parts = ([dict(zip(self.COLUMNS, zip(*self.rows)))] if self.rows else []) + self.blocks
+        cols = {c: np.concatenate([np.asarray(p[c], dtype=t) for p in parts]) if parts else np.empty(0, t)
+                for c, t in self.DTYPES.items()}
         if self.blocks:
-            blocks = pd.DataFrame({c: np.concatenate([b[c] for b in self.blocks]) for c in self.COLUMNS})
-            df = pd.concat([df, blocks], ignore_index=True)
-        df = df.astype({"trainer": "int64", "version": "int64", "start_s": "float64", "end_s": "float64",
-                        "tasks": "int64", "tokens": "int64"})
-        if self.blocks:
-            df = df.sort_values("end_s", kind="stable", ignore_index=True)
-        return df
+            order = np.argsort(cols["end_s"], kind="stable")
+            cols = {c: v[order] for c, v in cols.items()}
+        return pd.DataFrame(cols)
 
 
 class Backend:

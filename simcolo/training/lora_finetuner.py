@@ -380,9 +380,13 @@ class LoraFinetuner(FinetunerRules):
         """(micro-batches done, optimizer steps done, what is in progress ("mb" or "opt"), when it began)."""
         t0, r0, d, opt = self._chain
         G = self.global_batch
-        lo, hi = 0, int((now - t0) / d) + 1
+        # E(j) is within one optimizer step of t0 + j (d + opt / G): bracket from that guess, then bisect
+        guess, margin = int((now - t0) / (d + opt / G)), int(opt / d) + 2
+        lo, hi = max(guess - margin, 0), guess + margin
+        if self._micro_batch_end(lo) > now:
+            lo = 0
         while self._micro_batch_end(hi) <= now:   # float rounding at the edge
-            lo, hi = hi, hi + 1
+            lo, hi = hi, hi + margin
         while hi - lo > 1:   # the last micro-batch ended by now: E(lo) <= now < E(hi)
             mid = (lo + hi) // 2
             if self._micro_batch_end(mid) <= now:
