@@ -306,3 +306,24 @@ def test_cycles_read_busy_time_activations_and_steps_inside_the_periods():
     assert c.activations_moved(0, 204.0) == -5e9            # released at 8 s, held again from 12 s
     assert c.activations_moved(0, 208.0) == 0.0
     np.testing.assert_allclose(c.step_ends(), [204.0, 214.0, 224.0])
+
+
+def test_training_records_are_in_end_order_and_steps_ending_together_keep_their_order():
+    """One row per step, rows and closed-form blocks merged by end time (stable: a tie keeps the order the
+    steps were recorded in), with the columns' types even when empty."""
+    from simcolo.backend import TrainingRecords
+
+    empty = TrainingRecords().frame()
+    assert list(empty.columns) == list(TrainingRecords.COLUMNS) and len(empty) == 0
+    assert empty.dtypes.astype(str).tolist() == ["int64", "int64", "float64", "float64", "int64", "int64"]
+    rec = TrainingRecords()
+    rec.add(0, 1, float("nan"), 2.0, 8, 100)
+    rec.add(1, 1, 0.0, 5.0, 8, 100)
+    rec.add_steps(2, 1, np.array([0.0, 1.0, 2.0]), np.array([1.0, 2.0, 3.0]), 4, np.array([10, 20, 30]))
+    rec.add_steps(3, 7, np.array([4.0]), np.array([5.0]), 4, np.array([40]))
+    df = rec.frame()
+    assert len(rec) == len(df) == 6
+    assert df.end_s.tolist() == [1.0, 2.0, 2.0, 3.0, 5.0, 5.0]
+    assert df.trainer.tolist() == [2, 0, 2, 2, 1, 3]      # ties: rows before blocks, blocks in order
+    assert df.version.tolist() == [1, 1, 2, 3, 1, 7]
+    assert df.tokens.tolist() == [10, 100, 20, 30, 100, 40] and math.isnan(df.start_s[1])
