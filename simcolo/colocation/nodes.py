@@ -148,11 +148,8 @@ class TrainingPlacement:
         return {"train_deferred_tasks": len(self.deferred)}
 
     def serving_nothing(self) -> bool:
+        """No node serves anything: the placement stands, and each node's training is a closed loop."""
         return all(n.serves_nothing() for n in self.nodes)
-
-    def closed_loops(self) -> bool:
-        """Each node's training is a closed loop now (nothing is served: the placement stands)."""
-        return self.serving_nothing()
 
     def task_finished(self) -> None:
         """A training task finished: offer the deferred tasks again, unless the placement stands."""

@@ -90,7 +90,7 @@ class SimBackend(Backend):
 
     # the pipelines' CycleHost (training.node_pipeline): idle cycles advanced in closed form
     def closed_loops(self) -> bool:
-        return self.placement.closed_loops()
+        return self.placement.serving_nothing()
 
     def horizon_s(self) -> float:
         """The next request's arrival, or the run's time limit if sooner (``watch_arrivals``)."""

@@ -36,7 +36,7 @@ class CycleHost(Protocol):
     """What the backend tells a pipeline about the rest of the run, for advancing idle cycles."""
 
     def closed_loops(self) -> bool:
-        """Every node's training is a closed loop now (see ``TrainingPlacement.closed_loops``)."""
+        """Every node's training is a closed loop now (see ``TrainingPlacement.serving_nothing``)."""
 
     def horizon_s(self) -> float:
         """The earliest time something from outside can reach a node (the next request; the run's end)."""
