@@ -242,6 +242,23 @@ def test_idle_cycles_give_the_results_of_event_by_event_pipelines(policy):
     _same_to_rounding(cycles, steps, CYCLE_KEY, step_rtol=1e-10)
 
 
+#: 12 requests ~100 s apart: each node's loop is disturbed often, and some requests are served whole
+#: between two of a node's task ends (mix_random placed tasks during them)
+PIPE_BUSY = ["cluster=h100x8", "workload=poisson", "workload.rate_rps=0.01", "workload.num_requests=12",
+             "metrics.timeline_interval_s=600"]
+
+
+@pytest.mark.parametrize("policy", ["mix_rr", "mix_random", "lemix"])
+def test_advances_end_at_the_point_nearest_before_each_request_with_the_results_of_event_by_event(policy):
+    cycles = run_sim(*PIPE_BUSY, f"policy={policy}")
+    steps = run_sim(*PIPE_BUSY, f"policy={policy}", "sim.training_spans=false")
+    pipes = cycles.backend.trainers
+    # advances end inside a period, at the last point before a request, on every node
+    assert all(p.advances_to_a_point >= 3 for p in pipes)
+    assert sum(p.advances_to_a_point for p in pipes) >= cycles.summary["num_finished"]
+    _same_to_rounding(cycles, steps, CYCLE_KEY, step_rtol=1e-10)
+
+
 def test_the_placement_stands_while_nothing_is_served():
     r = run_sim(*PIPE_SPARSE, "policy=mix_rr")
     placement, now = r.backend.placement, r.backend.env.now
@@ -306,6 +323,28 @@ def test_cycles_read_busy_time_activations_and_steps_inside_the_periods():
     assert c.activations_moved(0, 204.0) == -5e9            # released at 8 s, held again from 12 s
     assert c.activations_moved(0, 208.0) == 0.0
     np.testing.assert_allclose(c.step_ends(), [204.0, 214.0, 224.0])
+
+
+def test_cycles_that_end_at_another_point_of_the_period():
+    """The period of ``_cycle`` with a point 5 s into it (a task ended there: stage 0 had been busy 1-4 s)."""
+    c = _cycle()
+    first, last, period = c.period.first, c.period.last, c.period
+    mid = CycleState(105.0, (), (), (53.0,), (53.0,), (3.0,), 5.0, 1, 4, 0, (0,), 0)
+    period.points = [(0.0, first), (5.0, mid)]
+    # from the period's start: 2 periods, then 5 s on to the point
+    c = Cycles(200.0, 2, period, 0.0, 5.0, first, mid)
+    assert c.end_s == 225.0
+    assert c.scaled("tasks") == 2 * 2 + 1 and c.scaled("busy") == [2 * 4.0 + 3.0]
+    assert c.busy_s(0, 999.0) == pytest.approx(11.0)       # clipped to the 25 s advanced
+    np.testing.assert_allclose(c.step_ends(), [209.0, 219.0])   # the version at 9 s is past the point
+    # from the point: 1 period, then on across the period's start to the point at 0 s (10 s later)
+    c = Cycles(200.0, 1, period, 5.0, 5.0, mid, first, wrapped=True)
+    assert c.end_s == 215.0
+    assert c.scaled("busy") == [2 * 4.0 - 3.0]            # 5-20 s into the period: 6-7, 11-14 and 16-17 s
+    assert c.busy_s(0, 215.0) == pytest.approx(5.0)
+    assert c.scaled("tasks") == 2 * 2 - 1 and c.scaled("version") == 2
+    np.testing.assert_allclose(c.step_ends(), [204.0, 214.0])
+    assert c.activations_moved(0, 215.0) == c.period.held_at(0, 0.0) - c.period.held_at(0, 5.0) == -5e9
 
 
 def test_training_records_are_in_end_order_and_steps_ending_together_keep_their_order():

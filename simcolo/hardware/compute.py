@@ -87,6 +87,10 @@ class SharedCompute:
         self._arm(kernel, end)
         return kernel
 
+    def work_left(self, kernel: Kernel, now: float) -> float:
+        """Solo work ``kernel`` has left at ``now`` (a pure query: it is charged only at changes)."""
+        return max(0.0, kernel.remaining - kernel.rate * (now - self._last_s))
+
     def cancel(self, kernel: Kernel) -> float:
         """Stop a running kernel without firing its event; returns the solo work it had left."""
         if kernel not in self.running:

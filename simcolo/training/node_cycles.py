@@ -12,10 +12,15 @@ optimizer's period, the transfers in flight), and the running totals a cycle add
 after a task equals the state ``global_batch`` tasks earlier, the span in between is a :class:`Period` ``P``
 of the loop, and the next ``k`` periods are known: the same totals added ``k`` times, the same optimizer
 steps ``P`` later each time. The same holds from any state after a task inside a period measured before
-(the loop came back to it after a request), read from that point on. :class:`Cycles` holds such an
-advance: its busy clocks and held activations can be read at any instant inside it (a timeline sample),
-and ``NodePipeline`` credits it and takes up its kernels and transfers ``k * P`` later when it ends,
-before the next request arrives.
+(the loop came back to it after a request), read from that point on.
+
+Each state keeps a :class:`Layout`: where every task on the node is (by its age among them), what each
+stage runs and since when, the transfers in flight. An advance may so end at any point of the period,
+not only where it started: ``k`` periods and then the part of one up to the point nearest before the
+next request. :class:`Cycles` holds such an advance: its busy clocks and held activations can be read at
+any instant inside it (a timeline sample), and ``NodePipeline`` credits it when it ends and takes up
+there either the kernels and transfers it parked (it ended where it started, ``k * P`` later) or the
+layout of the point it ended at, with its own tasks in the places of that point's.
 """
 from __future__ import annotations
 
@@ -28,6 +33,28 @@ import numpy as np
 
 #: two relative times (seconds) count as equal within this; a period repeats to float rounding
 TIME_TOL_S = 1e-9
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a node pipeline's tasks are right after a task finished, each task named by its *rank*: its
+    age among the tasks on the node (0: the oldest; tasks finish in the order they were placed). Times
+    are relative to that moment. ``running[s]``: None or (op, started, solo work left, rank or None for
+    an optimizer step); ``links``: (F|B, to stage, rank, lands at); ``activations[s]``: the bytes stage
+    ``s``'s pool holds for them; ``active_since``: when the pipeline last became busy (None: empty)."""
+    tasks: int
+    running: tuple
+    pending: tuple[int, ...]
+    ready_f: tuple[tuple[int, ...], ...]
+    ready_b: tuple[tuple[int, ...], ...]
+    links: tuple
+    inflight: int
+    stage0_free: bool
+    active_since: float | None
+    n_f: tuple[int, ...]
+    n_b: tuple[int, ...]
+    opt_due: tuple[int, ...]
+    activations: tuple[float, ...]
 
 
 @dataclass
@@ -47,6 +74,9 @@ class CycleState:
     tokens: int
     steps: tuple[int, ...]
     version: int
+    backwards: tuple[int, ...] = ()   # per stage: backwards done up to t
+    horizon: float = math.inf         # the next request's arrival, as known at t
+    layout: Layout | None = None
 
     def same_point(self, other: "CycleState") -> bool:
         if self.shape != other.shape or len(self.times) != len(other.times):
@@ -59,11 +89,13 @@ class Period:
     ``busy_spans[s]``: stage ``s``'s kernels in it, as (start, end) relative to its start, in order;
     ``act_steps[s]``: (time relative to its start, bytes) for each allocation (+) or release (-) of
     activations on stage ``s``, from ``act_at_start[s]`` bytes held; ``version_offsets``: the version
-    steps made in it, relative to its start, in (0, ``period_s``]."""
+    steps made in it, relative to its start, in (0, ``period_s``]; ``points``: (time from its start, state)
+    after each of its tasks, ``first`` the first of them."""
 
     def __init__(self, first: CycleState, last: CycleState, busy_spans: list[list[tuple[float, float]]],
-                 act_steps: list[list[tuple[float, float]]], act_at_start: list[float], version_offsets: np.ndarray):
-        self.first, self.last = first, last
+                 act_steps: list[list[tuple[float, float]]], act_at_start: list[float], version_offsets: np.ndarray,
+                 points: list[tuple[float, CycleState]] = ()):
+        self.first, self.last, self.points = first, last, list(points)
         self.period_s = last.t - first.t
         self.busy_spans, self.act_steps, self.act_at_start = busy_spans, act_steps, act_at_start
         self.version_offsets = version_offsets
@@ -93,13 +125,18 @@ class Period:
 
 @dataclass
 class Cycles:
-    """``k`` periods of a measured :class:`Period` advanced in closed form from ``t0`` (a task's end).
-    ``phase_s``: where in the measured period ``t0`` falls (0 when the advance starts where it ended;
-    else the loop came back to one of its points, ``phase_s`` into it)."""
+    """An advance in closed form from ``t0`` (a task's end, the loop at point ``start``, ``phase_s`` into
+    the measured :class:`Period`): ``k`` whole periods, then ``extra_s`` more up to the point ``end``
+    (None: none, the advance ends where it started). ``wrapped``: ``end`` lies before ``start`` in the
+    period, so the part after the ``k`` periods crosses the period's start."""
     t0: float
     k: int
     period: Period
     phase_s: float = 0.0
+    extra_s: float = 0.0
+    start: CycleState | None = None
+    end: CycleState | None = None
+    wrapped: bool = False
 
     @property
     def period_s(self) -> float:
@@ -107,11 +144,11 @@ class Cycles:
 
     @property
     def end_s(self) -> float:
-        return self.t0 + self.k * self.period_s
+        return self.t0 + self.k * self.period_s + self.extra_s
 
     def _into(self, now: float) -> float:
-        """Time from the measured period's start to ``now``, the advance clipped to its ``k`` periods."""
-        return self.phase_s + min(max(now - self.t0, 0.0), self.k * self.period_s)
+        """Time from the measured period's start to ``now``, the advance clipped to its span."""
+        return self.phase_s + min(max(now - self.t0, 0.0), self.k * self.period_s + self.extra_s)
 
     def busy_s(self, s: int, now: float) -> float:
         """Stage ``s``'s GPU busy seconds from ``t0`` to ``now`` (not yet on its clock)."""
@@ -124,15 +161,26 @@ class Cycles:
         return p.held_at(s, self._into(now)) - p.held_at(s, self.phase_s)
 
     def step_ends(self) -> np.ndarray:
-        """End times of the version steps made in the ``k`` periods, in order."""
+        """End times of the version steps made in the advance, in order."""
         offsets = self.period.version_offsets - self.phase_s
         offsets = np.sort(np.where(offsets > 0, offsets, offsets + self.period_s))
         starts = self.t0 + self.period_s * np.arange(self.k)
-        return (starts[:, None] + offsets[None, :]).ravel()
+        ends = (starts[:, None] + offsets[None, :]).ravel()
+        if self.end is None:
+            return ends
+        tail = offsets[offsets <= self.extra_s]
+        return np.concatenate([ends, self.t0 + self.k * self.period_s + tail])
 
     def scaled(self, field: str) -> list[float] | float | int:
-        """``k`` times the period's increase of a running total of :class:`CycleState`."""
+        """What the advance adds to a running total of :class:`CycleState`: ``k`` times the period's
+        increase, and from ``start`` to ``end`` where it ends at another point."""
         a, b = getattr(self.period.first, field), getattr(self.period.last, field)
+        if self.end is None:
+            if isinstance(a, tuple):
+                return [self.k * (y - x) for x, y in zip(a, b)]
+            return self.k * (b - a)
+        turns = self.k + self.wrapped
+        x0, x1 = getattr(self.start, field), getattr(self.end, field)
         if isinstance(a, tuple):
-            return [self.k * (y - x) for x, y in zip(a, b)]
-        return self.k * (b - a)
+            return [turns * (y - x) + (e - s) for x, y, s, e in zip(a, b, x0, x1)]
+        return turns * (b - a) + (x1 - x0)

@@ -12,8 +12,8 @@ version is k (the co-located serving replica serves it at once).
 
 While the node's training is a closed loop (no node serves anything: see ``training.node_cycles``), the
 pipeline watches for a cycle: when the state after a task equals the state ``global_batch`` tasks earlier
-(or a point of the last cycle it measured), it advances whole cycles in closed form up to the next
-request's arrival (``Cycles``), and resumes event by event from there.
+(or a point of the last cycle it measured), it advances in closed form (``Cycles``) to the point of the
+cycle nearest before the next request's arrival, and resumes event by event from there.
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ import numpy as np
 from simcolo.hardware.environment import At, SimEnvironment
 from simcolo.metrics.training_summary import TrainerReport
 from simcolo.training.data import TrainTask
-from simcolo.training.node_cycles import Cycles, CycleState, Period
+from simcolo.training.node_cycles import Cycles, CycleState, Layout, Period
 from simcolo.training.pipeline_rules import GATED, PipelineRules
 
 KERNEL_KINDS = {"F": "train_forward", "B": "train_backward", "O": "optimizer"}
+KNOWN_PERIODS = 8   # periods a pipeline remembers, to come back to after a request
 
 
 class CycleHost(Protocol):
@@ -61,12 +62,14 @@ class NodePipeline:
         self.env, self.index, self.gpus, self.S = env, index, gpus, self.rules.S
         self.link_s, self.gate_poll_s = link_s, gate_poll_s
         self.on_task_done, self.on_version = on_task_done, on_version
-        self.running: list[tuple[str, object] | None] = [None] * self.S   # (op, Kernel) running on each stage
+        # (op, Kernel, task or None) running on each stage
+        self.running: list[tuple[str, object, TrainTask | None] | None] = [None] * self.S
         self._polling = [False] * self.S
         self._links: dict[At, tuple[str, int, TrainTask, float]] = {}   # transfers in flight: (F|B, to stage, task, at)
         self.host = host
         self.cycling: Cycles | None = None
         self.cycles_advanced = 0       # periods advanced in closed form
+        self.advances_to_a_point = 0   # advances that ended at another point of the period than they began
         if host is not None:
             n = global_batch + 1
             self._states: deque[CycleState] = deque(maxlen=global_batch)   # after each task, while a loop
@@ -75,8 +78,11 @@ class NodePipeline:
             self._parked: list = []    # (stage, op, on_done, work left, started) of kernels held while cycling
             self._parked_links: list = []  # (F|B, to stage, task, seconds left) of transfers held
             self._shown = [0.0] * self.S   # activations moved on the pools for a sample inside cycles
-            self._known: Period | None = None   # the last period measured, and its points by shape
-            self._known_points: dict[tuple, list[tuple[float, CycleState]]] = {}
+            # the last periods measured (a request may leave the loop on another cycle: a node's number of
+            # tasks changes as the policy places them), and their points by shape: (period, phase, point)
+            self._known: deque[Period] = deque(maxlen=KNOWN_PERIODS)
+            self._known_points: dict[tuple, list[tuple[Period, float, CycleState]]] = {}
+            self._order: deque[TrainTask] = deque()   # the tasks on the node, oldest first (a Layout's ranks)
             for s, g in enumerate(gpus):
                 g.compute.offline = (lambda now, s=s: 0.0 if self.cycling is None else self.cycling.busy_s(s, now))
 
@@ -90,6 +96,8 @@ class NodePipeline:
             raise RuntimeError(f"node {self.index}: a task placed at {self.env.now} inside cycles advanced to "
                                f"{self.cycling.end_s}")
         self.rules.place(task)
+        if self.host is not None:
+            self._order.append(task)
         self._release()
 
     def _release(self) -> None:
@@ -106,7 +114,7 @@ class NodePipeline:
         elif op is not None:
             kernel = self.gpus[s].compute.start(KERNEL_KINDS[op], self.rules.solo_s(s, op),
                                                 lambda: self._done(s, op, task))
-            self.running[s] = (op, kernel)
+            self.running[s] = (op, kernel, task)
 
     def _poll(self, s: int) -> None:
         if not self._polling[s]:
@@ -119,7 +127,7 @@ class NodePipeline:
 
     def _done(self, s: int, op: str, task) -> None:
         rules = self.rules
-        _, kernel = self.running[s]
+        kernel = self.running[s][1]
         self.running[s] = None
         now = self.env.now
         rules.stage_busy_s[s] += now - kernel.started_s
@@ -167,56 +175,82 @@ class NodePipeline:
         self._kick(s)
 
     def _task_done(self, task: TrainTask) -> None:
+        if self.host is not None:
+            if self._order[0] is task:
+                self._order.popleft()
+            else:
+                self._order.remove(task)
         self.rules.task_done(task, self.env.now)
         self.on_task_done(task)
         self._release()
 
     # ------------------------------------------------------------------ idle cycles (training.node_cycles)
     def _after_task(self) -> None:
-        """A task just finished: while the training is a closed loop, note the state, and advance whole
-        cycles when it repeats the state of ``global_batch`` tasks ago, or a point of the last cycle
-        measured (the loop came back to it after a request disturbed it)."""
+        """A task just finished: while the training is a closed loop, note the state, and advance in closed
+        form when it repeats the state of ``global_batch`` tasks ago, or a point of a cycle measured before
+        (the loop came back to it after a request disturbed it)."""
         host, states = self.host, self._states
         if not (host.closed_loops() and self._alone()):
             states.clear()
             return
-        state = self._state()
         horizon = host.horizon_s()
+        if states and states[-1].horizon != horizon:
+            states.clear()   # a request came (and went) since the last task: the loop was not closed throughout
+        state = self._state(horizon)
         if math.isfinite(horizon):
             period, phase = None, 0.0
             if len(states) == states.maxlen and states[0].same_point(state) and state.t > states[0].t:
                 period = self._measure(states, state)
             else:
-                phase = self._known_phase(state)
-                if phase is not None:
-                    period = self._known
+                period, phase = self._known_phase(state)
             if period is not None:
-                k = math.ceil((horizon - state.t) / period.period_s) - 1   # the most that end before the horizon
-                if k >= 1:
+                cycles = self._furthest(state, period, phase, horizon)
+                if cycles is not None:
                     states.clear()
-                    self._advance(Cycles(state.t, k, period, phase))
+                    self._advance(cycles)
                     return
         states.append(state)
 
-    def _known_phase(self, state: CycleState) -> float | None:
-        """Where ``state`` falls in the last cycle measured, if it is one of its points."""
-        for phase, point in self._known_points.get(state.shape, ()):
+    def _furthest(self, state: CycleState, period: Period, phase: float, horizon: float) -> Cycles | None:
+        """The advance from ``state`` (``phase`` into ``period``) to the point of the loop nearest before
+        ``horizon``: whole periods, then on to one of the period's points; None when no point lies
+        between."""
+        P, t0 = period.period_s, state.t
+        k = math.ceil((horizon - t0) / P) - 1   # whole periods that end before the horizon
+        best = Cycles(t0, k, period, phase) if k >= 1 else None
+        start = next(point for at, point in period.points if at == phase)
+        for at, point in period.points:
+            if at == phase:
+                continue
+            wrapped = at < phase
+            extra = at - phase + (P if wrapped else 0.0)
+            m = math.ceil((horizon - t0 - extra) / P) - 1
+            if m < 0:
+                continue
+            cyc = Cycles(t0, m, period, phase, extra, start, point, wrapped)
+            if cyc.end_s < horizon and (best is None or cyc.end_s > best.end_s):
+                best = cyc
+        return best
+
+    def _known_phase(self, state: CycleState) -> tuple[Period | None, float]:
+        """The period measured and the phase in it of ``state``, if it is one of its points."""
+        for period, phase, point in self._known_points.get(state.shape, ()):
             if point.same_point(state):
-                return phase
-        return None
+                return period, phase
+        return None, 0.0
 
     def _alone(self) -> bool:
         """Nothing but this pipeline on its GPUs, and no forward waiting on the memory gate."""
         return not any(self._polling) and all(not g.compute.residents for g in self.gpus)
 
-    def _state(self) -> CycleState:
+    def _state(self, horizon: float) -> CycleState:
         now, rules, g = self.env.now, self.rules, self.rules.global_batch
         shape, times = [], []
         for s in range(self.S):
             run = self.running[s]
             shape.append(None if run is None else run[0])
-            if run is not None:
-                times.append(run[1].started_s - now)
+            if run is not None:   # since when, and the work left (a kernel slowed by a request ends later)
+                times += [run[1].started_s - now, self.gpus[s].compute.work_left(run[1], now)]
             pool = self.gpus[s].memory   # in TB, to the tolerance: what its forwards must fit beside
             times += [pool.by_use.get("train_activations", 0.0) * 1e-12, pool.used * 1e-12]
         links = sorted((kind, s, at - now) for kind, s, _, at in self._links.values()) if self._links else []
@@ -232,7 +266,30 @@ class NodePipeline:
         return CycleState(now, tuple(shape), tuple(times),
                           tuple(c.busy_at(now) for c in computes), tuple(c.train_busy_at(now) for c in computes),
                           tuple(rules.stage_busy_s), active, rules.tasks_done, rules.sequences_done, rules.tokens_done,
-                          tuple(rules.steps_done), rules.version)
+                          tuple(rules.steps_done), rules.version, tuple(rules.backwards_done), horizon,
+                          self._layout(now))
+
+    def _layout(self, now: float) -> Layout:
+        """Where the tasks are now (see ``Layout``)."""
+        rules = self.rules
+        rank = {id(task): r for r, task in enumerate(self._order)}
+        running = []
+        for s in range(self.S):
+            run = self.running[s]
+            if run is None:
+                running.append(None)
+                continue
+            op, kernel, task = run
+            left = self.gpus[s].compute.work_left(kernel, now)
+            running.append((op, kernel.started_s - now, left, None if task is None else rank[id(task)]))
+        return Layout(len(self._order), tuple(running), tuple(rank[id(t)] for t in rules.pending),
+                      tuple(tuple(rank[id(t)] for t in q) for q in rules.ready_f),
+                      tuple(tuple(rank[id(t)] for t in q) for q in rules.ready_b),
+                      tuple((kind, s, rank[id(task)], at - now) for kind, s, task, at in self._links.values()),
+                      rules.inflight, rules._stage0_free,
+                      None if rules._active_since is None else rules._active_since - now,
+                      tuple(rules.n_f), tuple(rules.n_b), tuple(rules.opt_due),
+                      tuple(g.memory.by_use.get("train_activations", 0.0) for g in self.gpus))
 
     def _measure(self, states, last: CycleState) -> Period:
         """The period from ``states[0]`` to ``last`` (now); remembered, with the states in between as its
@@ -252,32 +309,34 @@ class NodePipeline:
             held.append(self.gpus[s].memory.by_use.get("train_activations", 0.0)
                         - sum(n for _, n in steps))
         offsets = np.array([v - t0 for v in self._version_times if t0 < v <= t1])
-        self._known = Period(first, last, spans, acts, held, offsets)
+        period = Period(first, last, spans, acts, held, offsets, [(point.t - t0, point) for point in states])
+        self._known.append(period)
         self._known_points = {}
-        for point in states:
-            self._known_points.setdefault(point.shape, []).append((point.t - t0, point))
-        return self._known
+        for known in reversed(self._known):   # the latest first
+            for at, point in known.points:
+                self._known_points.setdefault(point.shape, []).append((known, at, point))
+        return period
 
     def _advance(self, cyc: Cycles) -> None:
-        """Advance the ``cyc.k`` periods of ``cyc`` from now in closed form: park the kernels and transfers
-        in flight, and take them up again ``k`` periods later (:meth:`_resume`)."""
+        """Advance ``cyc`` from now in closed form: park the kernels and transfers in flight, until it
+        ends (:meth:`_resume`)."""
         t1 = cyc.t0
         self.cycling = cyc
         for s in range(self.S):
             run = self.running[s]
             if run is not None:
-                op, kernel = run
+                op, kernel, task = run
                 left = self.gpus[s].compute.cancel(kernel)
-                self._parked.append((s, op, kernel.on_done, left, kernel.started_s))
+                self._parked.append((s, op, task, left, kernel.started_s))
         self._parked_links = [(kind, s, task, at - t1) for kind, s, task, at in self._links.values()]
         self._links.clear()
         At(self.env, cyc.end_s).callbacks.append(lambda _ev: self._resume())
 
     def _resume(self) -> None:
-        """The end of the cycles advanced: credit them, and take up the kernels and transfers parked."""
+        """The end of the cycles advanced: credit them, and take up the kernels and transfers parked (the
+        advance ended where it started) or the layout of the point it ended at."""
         cyc, rules, now = self.cycling, self.rules, self.env.now
         self.show(None)
-        shift = now - cyc.t0
         for s, (busy, train) in enumerate(zip(cyc.scaled("busy"), cyc.scaled("train_busy"))):
             c = self.gpus[s].compute
             c.busy_s += busy
@@ -286,9 +345,8 @@ class NodePipeline:
             rules.stage_busy_s[s] += add
         for s, add in enumerate(cyc.scaled("steps")):
             rules.steps_done[s] += add
-        rules.active_s += cyc.scaled("active")
-        if rules._active_since is not None:
-            rules._active_since += shift
+        for s, add in enumerate(cyc.scaled("backwards")):
+            rules.backwards_done[s] += add
         tasks = cyc.scaled("tasks")
         rules.tasks_done += tasks
         rules.sequences_done += cyc.scaled("sequences")
@@ -297,15 +355,60 @@ class NodePipeline:
         rules.version += cyc.scaled("version")
         self.cycles_advanced += cyc.k
         self.cycling = None
+        if cyc.end is None:
+            rules.active_s += cyc.scaled("active")
+            shift = now - cyc.t0
+            if rules._active_since is not None:
+                rules._active_since += shift
+            parked = [(s, op, task, left, started + shift) for s, op, task, left, started in self._parked]
+            links = self._parked_links
+        else:
+            parked, links = self._take_up(cyc, now)
+            self.advances_to_a_point += 1
+        self._parked, self._parked_links = [], []
         self.host.credit_cycles(self, cyc, tasks, first_version)
-        parked, self._parked = self._parked, []
-        for s, op, on_done, left, started in parked:
-            kernel = self.gpus[s].compute.resume(KERNEL_KINDS[op], left, now, on_done)
-            kernel.started_s = started + shift
-            self.running[s] = (op, kernel)
-        for kind, s, task, delay in self._parked_links:
+        for s, op, task, left, started in parked:
+            kernel = self.gpus[s].compute.resume(KERNEL_KINDS[op], left, now,
+                                                 lambda s=s, op=op, task=task: self._done(s, op, task))
+            kernel.started_s = started
+            self.running[s] = (op, kernel, task)
+        for kind, s, task, delay in links:
             self._link(kind, s, task, now + delay)
-        self._parked_links = []
+
+    def _take_up(self, cyc: Cycles, now: float) -> tuple[list, list]:
+        """Put the node's tasks where the tasks of ``cyc.end`` were (by age: tasks are alike, so which
+        one stands where does not change what follows) and its counts and activations as they were; the
+        kernels (stage, op, task, work left, started) and transfers (F|B, stage, task, in) to take up."""
+        rules, lay = self.rules, cyc.end.layout
+        tasks = list(self._order)
+        if len(tasks) != lay.tasks:
+            raise RuntimeError(f"node {self.index}: {len(tasks)} tasks on the node, {lay.tasks} at the point "
+                               f"the cycles at {cyc.t0} advanced to")
+        total = rules.active_s + (0.0 if rules._active_since is None else cyc.t0 - rules._active_since)
+        total += cyc.scaled("active")
+        if lay.active_since is None:
+            rules.active_s, rules._active_since = total, None
+        else:
+            rules.active_s, rules._active_since = total + lay.active_since, now + lay.active_since
+        rules.pending.clear()
+        rules.pending.extend(tasks[r] for r in lay.pending)
+        for queues, ranks in ((rules.ready_f, lay.ready_f), (rules.ready_b, lay.ready_b)):
+            for q, rs in zip(queues, ranks):
+                q.clear()
+                q.extend(tasks[r] for r in rs)
+        rules.inflight, rules._stage0_free = lay.inflight, lay.stage0_free
+        rules.n_f, rules.n_b, rules.opt_due = list(lay.n_f), list(lay.n_b), list(lay.opt_due)
+        for s, g in enumerate(self.gpus):
+            delta, pool = lay.activations[s] - g.memory.by_use.get("train_activations", 0.0), g.memory
+            if delta > 0:
+                pool.allocate("train_activations", delta)
+            elif delta < 0:
+                pool.release("train_activations", -delta)
+        for s in range(self.S):
+            self.running[s] = None
+        kernels = [(s, run[0], None if run[3] is None else tasks[run[3]], run[2], now + run[1])
+                   for s, run in enumerate(lay.running) if run is not None]
+        return kernels, [(kind, s, tasks[r], at) for kind, s, r, at in lay.links]
 
     def show(self, now: float | None) -> None:
         """Set the activations held on the pools to what they are at ``now`` inside the cycles being
@@ -327,7 +430,7 @@ class NodePipeline:
         run = self.running[s]
         if run is None:
             return self.rules.backlog_s(s)
-        op, kernel = run
+        op, kernel, _ = run
         return self.rules.backlog_s(s, op, kernel.remaining)
 
     def close(self, now: float) -> None:
