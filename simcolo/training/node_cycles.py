@@ -138,6 +138,12 @@ class Cycles:
     end: CycleState | None = None
     wrapped: bool = False
 
+    def __post_init__(self):
+        # what the period reads at ``t0`` (every busy-time and activations read subtracts it)
+        p, stages = self.period, range(len(self.period.busy_spans))
+        self._busy0 = [p.busy_until(s, self.phase_s) for s in stages]
+        self._held0 = [p.held_at(s, self.phase_s) for s in stages]
+
     @property
     def period_s(self) -> float:
         return self.period.period_s
@@ -152,13 +158,11 @@ class Cycles:
 
     def busy_s(self, s: int, now: float) -> float:
         """Stage ``s``'s GPU busy seconds from ``t0`` to ``now`` (not yet on its clock)."""
-        p = self.period
-        return p.busy_until(s, self._into(now)) - p.busy_until(s, self.phase_s)
+        return self.period.busy_until(s, self._into(now)) - self._busy0[s]
 
     def activations_moved(self, s: int, now: float) -> float:
         """Bytes of activations stage ``s`` holds at ``now`` beyond what it held at ``t0``."""
-        p = self.period
-        return p.held_at(s, self._into(now)) - p.held_at(s, self.phase_s)
+        return self.period.held_at(s, self._into(now)) - self._held0[s]
 
     def step_ends(self) -> np.ndarray:
         """End times of the version steps made in the advance, in order."""
