@@ -217,20 +217,24 @@ class NodePipeline:
         between."""
         P, t0 = period.period_s, state.t
         k = math.ceil((horizon - t0) / P) - 1   # whole periods that end before the horizon
-        best = Cycles(t0, k, period, phase) if k >= 1 else None
-        start = next(point for at, point in period.points if at == phase)
+        best, best_end = ((k, 0.0, None, False), t0 + k * P) if k >= 1 else (None, -math.inf)
+        start = None
         for at, point in period.points:
             if at == phase:
+                start = point
                 continue
             wrapped = at < phase
             extra = at - phase + (P if wrapped else 0.0)
             m = math.ceil((horizon - t0 - extra) / P) - 1
-            if m < 0:
-                continue
-            cyc = Cycles(t0, m, period, phase, extra, start, point, wrapped)
-            if cyc.end_s < horizon and (best is None or cyc.end_s > best.end_s):
-                best = cyc
-        return best
+            end = t0 + m * P + extra   # as ``Cycles.end_s`` reads it
+            if m >= 0 and best_end < end < horizon:
+                best, best_end = (m, extra, point, wrapped), end
+        if best is None:
+            return None
+        m, extra, point, wrapped = best
+        if point is not None and start is None:
+            raise RuntimeError(f"node {self.index}: phase {phase} is none of the period's points")
+        return Cycles(t0, m, period, phase, extra, start if point is not None else None, point, wrapped)
 
     def _known_phase(self, state: CycleState) -> tuple[Period | None, float]:
         """The period measured and the phase in it of ``state``, if it is one of its points."""
