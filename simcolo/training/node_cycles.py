@@ -38,7 +38,7 @@ TIME_TOL_S = 1e-9
 @dataclass(frozen=True)
 class Layout:
     """Where a node pipeline's tasks are right after a task finished, each task named by its *rank*: its
-    age among the tasks on the node (0: the oldest; tasks finish in the order they were placed). Times
+    age among the tasks on the node (0: the one placed first). Times
     are relative to that moment. ``running[s]``: None or (op, started, solo work left, rank or None for
     an optimizer step); ``links``: (F|B, to stage, rank, lands at); ``activations[s]``: the bytes stage
     ``s``'s pool holds for them; ``active_since``: when the pipeline last became busy (None: empty)."""

@@ -12,7 +12,7 @@ version is k (the co-located serving replica serves it at once).
 
 While the node's training is a closed loop (no node serves anything: see ``training.node_cycles``), the
 pipeline watches for a cycle: when the state after a task equals the state ``global_batch`` tasks earlier
-(or a point of the last cycle it measured), it advances in closed form (``Cycles``) to the point of the
+(or a point of a cycle it measured before), it advances in closed form (``Cycles``) to the point of the
 cycle nearest before the next request's arrival, and resumes event by event from there.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ class NodePipeline:
             self._states: deque[CycleState] = deque(maxlen=global_batch)   # after each task, while a loop
             self._ops = [deque(maxlen=8 * n) for _ in range(self.S)]       # (op, start, end) of ended ops
             self._version_times: deque[float] = deque(maxlen=2 * n)
-            self._parked: list = []    # (stage, op, on_done, work left, started) of kernels held while cycling
+            self._parked: list = []    # (stage, op, task, work left, started) of kernels held while cycling
             self._parked_links: list = []  # (F|B, to stage, task, seconds left) of transfers held
             self._shown = [0.0] * self.S   # activations moved on the pools for a sample inside cycles
             # the last periods measured (a request may leave the loop on another cycle: a node's number of
