@@ -200,6 +200,32 @@ def test_sequence_pool_hands_out_and_completes_tasks_in_fifo_order_by_count():
     assert list(pool.tasks) == [tasks[2]] and pool.available == 4
 
 
+def test_a_chain_is_in_its_optimizer_step_exactly_when_its_position_says_so():
+    """``in_optimizer_step`` finds the step by division; ``_chain_position`` by a search over the chain's end
+    times. Random chains, random times and the chains' own edges (a micro-batch's end, a step's end, the
+    float just before): the same answer every time, both kinds of answer met."""
+    import types
+
+    from simcolo.training.lora_finetuner import LoraFinetuner
+
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(300):
+        G = int(rng.integers(1, 9))
+        chain = (float(rng.uniform(0, 1e6)), int(rng.integers(0, G)), float(rng.uniform(1e-3, 2.0)),
+                 float(rng.choice([0.0, rng.uniform(1e-4, 5.0)])))
+        ft = types.SimpleNamespace(_chain=chain, global_batch=G)
+        ft._micro_batch_end = lambda j, ft=ft: LoraFinetuner._micro_batch_end(ft, j)
+        ends = [ft._micro_batch_end(int(j)) for j in rng.integers(1, 200, 10)]
+        times = [*(chain[0] + rng.uniform(0, 200 * (G * chain[2] + chain[3]), 20)), *ends,
+                 *(e + chain[3] for e in ends), *(np.nextafter(e, 0) for e in ends)]
+        for now in times:
+            want = LoraFinetuner._chain_position(ft, now)[2] == "opt"
+            assert LoraFinetuner.in_optimizer_step(ft, now) == want, (chain, G, now)
+            seen.add(want)
+    assert seen == {True, False}
+
+
 def test_sequence_pool_recycles_a_backlog_in_bulk_as_one_by_one():
     def backlog():
         pool = SequencePool()

@@ -19,6 +19,7 @@ form, as a *chain* settled when something touches it (see the section "idle chai
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Callable
 
@@ -403,8 +404,23 @@ class LoraFinetuner(FinetunerRules):
         return n, steps, "mb", end
 
     def in_optimizer_step(self, now: float) -> bool:
-        """True if a chain is running its optimizer step at ``now``."""
-        return self._chain is not None and self._chain_position(now)[2] == "opt"
+        """True if a chain is running its optimizer step at ``now``: one of the micro-batches that end a
+        global batch ended at E <= now < E + opt. The chain's optimizer steps start a period of G micro-batches
+        and a step apart, so the step in question is found by division and checked, with its neighbours
+        (float rounding at the edges), on the very end times ``_chain_position`` reads (timeline samples
+        and routing ask this of every chain; a search per ask cost more than the rest of the sample)."""
+        if self._chain is None:
+            return False
+        t0, r0, d, opt = self._chain
+        G = self.global_batch
+        first = G - r0                       # the micro-batch the first optimizer step follows
+        q = math.floor((now - t0 - first * d) / (G * d + opt))
+        for j in (first + (q - 1) * G, first + q * G, first + (q + 1) * G):
+            if j >= 1:
+                end = self._micro_batch_end(j)
+                if end <= now < end + opt:
+                    return True
+        return False
 
     def _chain_busy_s(self, now: float) -> float:
         """Busy time the chain owes its GPU's clocks up to ``now`` (the GPU's ``busy_at`` adds it)."""
