@@ -233,6 +233,43 @@ def test_fidelity_runner_plans_every_policy_on_its_setting(cpu_calibration):
     assert kinds == {"serving", "isolated", "pipelines", "finetune"}
 
 
+def test_policies_on_two_cpu_gpus_are_calibrated_in_their_own_layout(cpu_calibration):
+    """The fidelity runner's calibration of isolated and the finetune policies runs its engine fit in the
+    policy's own two-"GPU" layout (on the profile's synthetic workload and training settings); the others,
+    and any policy on a GPU, keep the profile's one-device run. Each such engine run's config loads, passes
+    the live checks and plans the policy's layout."""
+    from omegaconf import OmegaConf
+
+    from simcolo.config.compose import load_config
+    from simcolo.config.run import RunConfig
+    from simcolo.hardware.cluster import Topology
+    from simcolo.layout.plan import plan_layout
+    from simcolo.paths import CONF_DIR
+    from simcolo.policies import make_policy
+    from simcolo.replay.backend import check_live
+    from simcolo.replay.fidelity import POLICY_OVERRIDES, engine_layout, policy_overrides
+
+    assert engine_layout("lemix", "cpu") == engine_layout("least_outstanding", "cpu") == []
+    assert engine_layout("harli", "cuda") == []
+    profile = OmegaConf.load(CONF_DIR / "calibrate.yaml").engine_run.profiles.cpu
+    assert sorted(POLICY_OVERRIDES) == ["flexllm", "harli", "isolated", "static_share"]
+    for name in sorted(POLICY_OVERRIDES):
+        (override,) = engine_layout(name, "cpu")
+        key, value = override.split("=", 1)
+        layout = json.loads(value)
+        assert key == "engine_run.profiles.cpu.layout" and layout[:len(policy_overrides(name))] == policy_overrides(name)
+        assert "training.data.kind=poisson" in layout and not any(o.startswith(("training=", "cluster=single"))
+                                                                     for o in layout)
+        cfg = load_config(["model=tiny", "gpu=cpu", *profile.workload, *layout, f"costs.path={cpu_calibration[0]}"],
+                          config_name="replay")
+        run = RunConfig.from_cfg(cfg)
+        policy = make_policy(run.policy)
+        check_live(run, policy)
+        plan = plan_layout(run, policy, Topology.from_config(run.gpu, run.cluster))
+        assert plan.kind == ("isolated" if name == "isolated" else "finetune") and run.cluster.num_gpus == 2
+        assert run.training.kind == ("full" if name == "isolated" else "lora")
+
+
 # LoRA finetuning live on a small KV pool: 256 blocks of 16 tokens, a finetune micro-batch of two 64-token
 # sequences borrows 200 of them, and four decoding 400-token requests need up to 100
 HARLI = ["cluster=cpu2", "costs.interference=none", "workload.lengths.kind=fixed",
