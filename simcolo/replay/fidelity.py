@@ -7,8 +7,9 @@ For each policy, one at a time (nothing else should compete for the machine mean
 commands a user would, as subprocesses in the working directory:
 
 1. ``python -m calibrate`` — tables measured just before (``<out>/<policy>/calibration``): the kernel
-   sweep fitted to a short live run of the engine (``calibrate/engine_run.py``); or, with ``--tables
-   DIR``, one calibration made beforehand for every policy;
+   sweep fitted to a short live run of the engine (``calibrate/engine_run.py``; on the CPU, for isolated
+   and harli, in the policy's own two-"GPU" layout: :func:`engine_layout`); or, with ``--tables DIR``, one
+   calibration made beforehand for every policy;
 2. ``simcolo`` on those tables;
 3. ``python -m simcolo.replay`` ``--repeats`` times, each followed by ``python -m simcolo.compare``;
 4. ``python -m calibrate measure=[prefill,decode,train_stage] engine_run.enabled=false`` again
@@ -65,15 +66,25 @@ def policy_overrides(policy: str) -> list[str]:
     return [f"policy={policy}", *POLICY_OVERRIDES.get(policy, DEFAULT_OVERRIDES)]
 
 
+#: policies whose CPU calibration runs its engine fit in the policy's own two-"GPU" layout (``engine_layout``).
+#: Measured in pairs on this project's 2-core VM, the same hour, mean TTFT / TPOT / training step error
+#: against the one-device fit: isolated 20/22/9 % and 7/11/5 % against 26/38/4 %; harli 13/14/25 % and
+#: 35/8/23 % against 61/17/44 %. static_share and flexllm measured worse that way (49/73/49 % against
+#: 50/46/18 %, 61/14/24 % against 43/5/15 %; one pair each, why is not established) and keep the
+#: one-device fit. Single replays on that VM differ by up to tens of percent: these are indications.
+OWN_LAYOUT_CALIBRATION = ("isolated", "harli")
+
+
 def engine_layout(policy: str, device: str) -> list[str]:
-    """Calibrate overrides for a policy's own calibration: on the CPU, a policy whose layout spans two "GPUs"
-    has the engine run that fits its tables (``calibrate/engine_run.py``) in its own layout; none otherwise.
+    """Calibrate overrides for a policy's own calibration: on the CPU, a policy of
+    ``OWN_LAYOUT_CALIBRATION`` has the engine run that fits its tables (``calibrate/engine_run.py``) in its
+    own layout on two "GPUs"; none otherwise (the calibration profile's one co-located node).
 
     Why: the CPU's "GPUs" are threads of one host, and they slow each other. Iterations of one replay
     instance that overlapped the other's ran ~3-3.7x their prediction, ~0.8-1.1x alone (two instances
-    on two "GPUs", this project's 2-core VM), which the calibration profile's one-device run never sees.
-    The run keeps the profile's synthetic workload and training settings: it is not the trace replayed."""
-    if device != "cpu" or policy not in POLICY_OVERRIDES:
+    on two "GPUs", this project's 2-core VM), which a one-device run never sees. The run keeps the
+    profile's synthetic workload and training settings: it is not the trace replayed."""
+    if device != "cpu" or policy not in OWN_LAYOUT_CALIBRATION:
         return []
     from omegaconf import OmegaConf
 
@@ -401,7 +412,7 @@ def _markdown(table: pd.DataFrame, drift: dict, a, load: dict) -> str:
     checked = target_rows(table, a.device)
     cal = (f"one calibration made beforehand (`--tables`)" if getattr(a, "tables", None) else
            "a calibration made just before each policy (`python -m calibrate`: the kernel sweep fitted to a short "
-           "live run of the engine)")
+           "live run of the engine, for isolated and harli on the CPU in the policy's own two-GPU layout)")
     lines = [(f"Setting `{a.setting}` on `{a.device}`, {'/'.join(map(str, repeats))} replays per policy "
               f"(`python -m simcolo.replay.fidelity --setting {a.setting} --device {a.device} --repeats {a.repeats}`). "
               f"*simulated*: on {cal}, as made: no table is rescaled after the fact. *target*: "
