@@ -91,10 +91,12 @@ def engine_layout(policy: str, device: str) -> list[str]:
     from simcolo.paths import CONF_DIR
 
     profile = OmegaConf.load(CONF_DIR / "calibrate.yaml").engine_run.profiles.cpu.layout
-    # the profile's policy, cluster and training kind give way to the policy's (LoRA for the finetune ones)
+    # the shipped profile's policy, cluster and training kind give way to the policy's (LoRA for harli)
     kept = [o for o in profile if o.split("=")[0] not in ("policy", "cluster", "training")]
     layout = ",".join(f'"{o}"' for o in [*policy_overrides(policy), *kept])
     return [f"engine_run.profiles.cpu.layout=[{layout}]"]
+
+
 #: the rows the issue's fidelity targets name, then the rest of the report
 TARGET_ROWS = ("ttft_mean_s", "tpot_mean_s", "train_step_time_s", "train_tokens_per_s")
 REPORT_ROWS = TARGET_ROWS + ("ttft_p50_s", "ttft_p90_s", "tpot_p50_s", "tpot_p90_s", "slo_attainment",
