@@ -249,14 +249,14 @@ class NodePipeline:
 
     def _state(self, horizon: float) -> CycleState:
         now, rules, g = self.env.now, self.rules, self.rules.global_batch
+        layout = self._layout(now)
         shape, times = [], []
-        for s in range(self.S):
-            run = self.running[s]
+        for s, run in enumerate(layout.running):
             shape.append(None if run is None else run[0])
             if run is not None:   # since when, and the work left (a kernel slowed by a request ends later)
-                times += [run[1].started_s - now, self.gpus[s].compute.work_left(run[1], now)]
-            pool = self.gpus[s].memory   # in TB, to the tolerance: what its forwards must fit beside
-            times += [pool.by_use.get("train_activations", 0.0) * 1e-12, pool.used * 1e-12]
+                times += [run[1], run[2]]
+            # in TB, to the tolerance: what its forwards must fit beside
+            times += [layout.activations[s] * 1e-12, self.gpus[s].memory.used * 1e-12]
         links = sorted((kind, s, at - now) for kind, s, _, at in self._links.values()) if self._links else []
         shape += [(kind, s) for kind, s, _ in links]
         times += [at for _, _, at in links]
@@ -270,8 +270,7 @@ class NodePipeline:
         return CycleState(now, tuple(shape), tuple(times),
                           tuple(c.busy_at(now) for c in computes), tuple(c.train_busy_at(now) for c in computes),
                           tuple(rules.stage_busy_s), active, rules.tasks_done, rules.sequences_done, rules.tokens_done,
-                          tuple(rules.steps_done), rules.version, tuple(rules.backwards_done), horizon,
-                          self._layout(now))
+                          tuple(rules.steps_done), rules.version, tuple(rules.backwards_done), horizon, layout)
 
     def _layout(self, now: float) -> Layout:
         """Where the tasks are now (see ``Layout``)."""
