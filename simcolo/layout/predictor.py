@@ -36,6 +36,7 @@ class TablePredictor:
         self.checkpointing = shape.checkpointing
         self._stage_cache: dict[tuple[int, str], list[float]] = {}
         self._lora_cache: dict[tuple[int, int], float] = {}
+        self._lora_optimizer: float | None = None
         self._lora_act_per_seq = lora_activation_bytes   # one sequence of seq_len tokens
         self._sd: dict[float | None, tuple[float, float]] = {}
 
@@ -101,7 +102,9 @@ class TablePredictor:
         return v
 
     def lora_optimizer_s(self) -> float:
-        return self.tc.lora_s(self.rank, "optimizer", 1, self.seq_len)
+        if self._lora_optimizer is None:
+            self._lora_optimizer = self.tc.lora_s(self.rank, "optimizer", 1, self.seq_len)
+        return self._lora_optimizer
 
     def lora_blocks(self, micro_batch: int, seq_len: int) -> int:
         if micro_batch <= 0:

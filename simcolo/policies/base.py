@@ -7,8 +7,7 @@ or a live backend runs it: views and predictors are plain protocols that either 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 from simcolo.workload.request import Request
 
@@ -48,9 +47,9 @@ class NodeView(InstanceView, Protocol):
         """(count, mean, std) of the lengths of the tasks of that type placed here."""
 
 
-@dataclass(frozen=True)
-class FinetuneState:
-    """What a finetune policy sees of one decode instance (read-only, backend-neutral)."""
+class FinetuneState(NamedTuple):
+    """What a finetune policy sees of one decode instance (read-only, backend-neutral; a named tuple:
+    the finetuners build one per plan, twice per micro-batch)."""
     decode_batch: int
     decode_kv_tokens: int
     lendable_blocks: int      # KV blocks it could borrow now (beyond what it holds)

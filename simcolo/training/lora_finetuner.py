@@ -250,12 +250,13 @@ class LoraFinetuner(FinetunerRules):
         if not self.pool.available:
             self._idle()
             return
-        share, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, None)
+        state = self.state()
+        share, mb, predicted = self.policy.plan_finetune(state, self.predictor, None)
         mb = min(mb, self.pool.available)
         self._log_plan(share, mb, predicted)
         # static memory: the carve-out is already held (reserve_static)
         mb, need = fit_micro_batch(self.predictor, mb, self.seq_len, self.static_memory, self.held,
-                                   self.inst.lendable_blocks())
+                                   state.lendable_blocks)
         if mb <= 0:
             self._idle()
             return   # woken again at the next decode iteration or when sequences arrive
