@@ -219,11 +219,12 @@ class LiveFinetuner(FinetunerRules):
     def _try_start(self) -> _MicroBatch | None:
         if self._phase is not None or not self.pool.available:
             return None
-        knob, mb, predicted = self.policy.plan_finetune(self.state(), self.predictor, None)
+        state = self.state()
+        knob, mb, predicted = self.policy.plan_finetune(state, self.predictor, None)
         mb = min(mb, self.pool.available)
         self._log_plan(knob, mb, predicted)
         mb, need = fit_micro_batch(self.predictor, mb, self.seq_len, self.static_memory, self.held,
-                                   self.inst.lendable_blocks())
+                                   state.lendable_blocks)
         if mb <= 0:
             return None   # woken again at the next serving iteration or when sequences arrive
         if need:
