@@ -4,6 +4,7 @@ import pytest
 from simcolo.hardware.cluster import GPU
 from simcolo.hardware.compute import SharedCompute
 from simcolo.hardware.environment import SimEnvironment
+from simcolo.hardware.interference import UniformSlowdown
 from simcolo.hardware.memory import MemoryPool
 from simcolo.specs import load_gpu_spec
 from simcolo.training.data import TrainTask
@@ -11,10 +12,11 @@ from simcolo.training.node_pipeline import NodePipeline
 
 
 def _pipeline(S, release, f=1.0, b=2.0, opt=0.0, global_batch=1000, max_inflight=100, act=1.0, capacity=1e12,
-              gate=None):
+              gate=None, interference=None):
     env = SimEnvironment()
     spec = load_gpu_spec("h100-sxm")
-    gpus = [GPU(i, 0, spec, MemoryPool(capacity, f"gpu{i}"), SharedCompute(env, None, i)) for i in range(S)]
+    gpus = [GPU(i, 0, spec, MemoryPool(capacity, f"gpu{i}"), SharedCompute(env, interference, i))
+            for i in range(S)]
     done, versions = [], []
     pipe = NodePipeline(env, 0, gpus, [f] * S, [b] * S, [opt] * S, [act] * S, 0.0, global_batch, release,
                         max_inflight, done.append, lambda p: versions.append((env.now, p.version)), gate)
@@ -75,3 +77,27 @@ def test_memory_gate_holds_forwards_until_it_opens():
     env.run()
     assert done[0].finish_s == pytest.approx(0.05 + 3.0, abs=0.006)   # polled every 5 ms
     assert len(calls) > 5
+
+
+def test_backlog_counts_the_running_op_as_its_prediction_less_the_time_it_has_run():
+    # One stage, forward 1 s and backward 2 s solo; a co-running kernel halves the training's rate, so the
+    # forward truly takes 2 s. A policy sees what a deployment can know (the op's start and its prediction,
+    # not its progress): the same rule as the live pipeline's (PipelineRules.backlog_s).
+    env, pipe, gpus, done, _ = _pipeline(1, "sync", interference=UniformSlowdown(1.0))
+    gpus[0].compute.run("decode", 100.0)
+    pipe.place(TrainTask(0, 0.0, 1, 128))
+    pipe.place(TrainTask(1, 0.0, 1, 128))
+    seen = {}
+
+    def probe():
+        for t in (0.5, 1.5, 2.5):
+            yield env.timeout(t - env.now)
+            seen[t] = pipe.stage_backlog_s(0)
+    env.process(probe())
+    env.run(until=3.0)
+    # task 0's forward (started at 0): 1 - 0.5 left, then its backward and task 1's forward and backward
+    assert seen[0.5] == pytest.approx(0.5 + 2.0 + 3.0)
+    # at 1.5 the forward has done 0.75 s of its 1 s of work, but its prediction (1 s) has run out
+    assert seen[1.5] == pytest.approx(0.0 + 2.0 + 3.0)
+    # the backward started at 2.0 (the forward took 2 s at half rate): 2 - 0.5 left
+    assert seen[2.5] == pytest.approx(1.5 + 3.0)

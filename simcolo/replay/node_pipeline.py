@@ -231,14 +231,13 @@ class LiveNodePipeline:
         return out
 
     def stage_backlog_s(self, s: int) -> float:
-        """See ``PipelineRules.backlog_s``; the running kernel's remainder is its prediction less the time
-        it has run."""
+        """See ``PipelineRules.backlog_s``."""
         with self.live.lock:
             run = self._running[s]
             if run is None:
                 return self.rules.backlog_s(s)
             op, start = run
-            return self.rules.backlog_s(s, op, max(0.0, self.rules.solo_s(s, op) - (self.live.now - start)))
+            return self.rules.backlog_s(s, op, start, self.live.now)
 
     def report(self) -> TrainerReport:
         with self.live.lock:

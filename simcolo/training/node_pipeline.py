@@ -429,12 +429,12 @@ class NodePipeline:
 
     # ------------------------------------------------------------------ views for policies (pure)
     def stage_backlog_s(self, s: int) -> float:
-        """See ``PipelineRules.backlog_s``; the running kernel's remaining work is the shared compute's."""
+        """See ``PipelineRules.backlog_s``."""
         run = self.running[s]
         if run is None:
             return self.rules.backlog_s(s)
         op, kernel, _ = run
-        return self.rules.backlog_s(s, op, kernel.remaining)
+        return self.rules.backlog_s(s, op, kernel.started_s, self.env.now)
 
     def close(self, now: float) -> None:
         """End of the run: count the time the pipeline is still busy."""

@@ -174,13 +174,20 @@ class PipelineRules:
     def queued(self) -> int:
         return len(self.pending) + self.inflight
 
-    def backlog_s(self, s: int, running_op: str | None = None, running_left_s: float = 0.0) -> float:
+    def backlog_s(self, s: int, running_op: str | None = None, running_since_s: float = 0.0,
+                  now: float = 0.0) -> float:
         """Solo seconds of training work stage ``s`` still has to do for tasks placed here: the forwards
-        and backwards not yet run (earlier tasks' backwards included) and ``running_left_s``, what is left
-        of the op it is running (``running_op``, counted in ``n_f``/``n_b`` until it finishes)."""
+        and backwards not yet run (earlier tasks' backwards included) and what is left of the op it is
+        running (``running_op``, started at ``running_since_s``; counted in ``n_f``/``n_b`` until it
+        finishes).
+
+        What is left of the running op is its prediction less the time it has run, in both backends: a
+        deployment knows when a kernel started, not how far it has got, so the simulator does not tell a
+        policy the kernel's true progress either."""
         n_f = self.n_f[s] - (running_op == "F")
         n_b = self.n_b[s] - (running_op == "B")
-        return running_left_s + n_f * self.f[s] + n_b * self.b[s]
+        left = 0.0 if running_op is None else max(0.0, self.solo_s(s, running_op) - (now - running_since_s))
+        return left + n_f * self.f[s] + n_b * self.b[s]
 
     def close(self, now: float) -> None:
         """Count the time a task is in the pipeline up to ``now`` into ``active_s``."""
