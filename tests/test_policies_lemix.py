@@ -28,8 +28,8 @@ class _Node:
     def __init__(self, backlog, last, stats=(0, 0.0, 0.0)):
         self.backlog, self.last_arrival_s, self.stats, self.num_stages = backlog, last, stats, len(backlog)
 
-    def stage_backlog_s(self, s):
-        return self.backlog[s]
+    def stage_backlogs_s(self):
+        return list(self.backlog)
 
     def length_stats(self, training):
         return self.stats

@@ -81,8 +81,8 @@ class _Node:
         self.backlog, self.wait, self.batch = backlog, wait, batch
         self.num_stages, self.last_arrival_s = len(backlog), -math.inf
 
-    def stage_backlog_s(self, s):
-        return self.backlog[s]
+    def stage_backlogs_s(self):
+        return list(self.backlog)
 
     def serving_wait_s(self, now):
         return self.wait

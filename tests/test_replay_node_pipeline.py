@@ -115,7 +115,7 @@ def test_pipeline_trains_tasks_and_serving_sees_every_step(spec, S):
 
     h.place(range(6))
     assert h.pipe.rules.queued == 6
-    assert h.pipe.stage_backlog_s(S - 1) == pytest.approx(6 * (0.01 + 0.02))
+    assert h.pipe.stage_backlogs_s()[S - 1] == pytest.approx(6 * (0.01 + 0.02))
     h.start()
     try:
         h.wait_done(6, versions=3)
@@ -126,7 +126,7 @@ def test_pipeline_trains_tasks_and_serving_sees_every_step(spec, S):
     assert h.pipe.rules.steps_done == [3] * S and h.pipe.rules.queued == 0
     assert [i for i, _ in h.pipe.losses] == list(range(6))
     assert all(p.by_use["train_activations"] == 0 for p in h.pools) and all(p.peak == ACT for p in h.pools)
-    assert all(h.pipe.stage_backlog_s(s) == 0 for s in range(S))
+    assert h.pipe.stage_backlogs_s() == [0.0] * S
     assert not h.pipe.busy
     assert_served_is_trained(h)
     r = h.pipe.report()

@@ -82,7 +82,7 @@ def test_memory_gate_holds_forwards_until_it_opens():
 def test_backlog_counts_the_running_op_as_its_prediction_less_the_time_it_has_run():
     # One stage, forward 1 s and backward 2 s solo; a co-running kernel halves the training's rate, so the
     # forward truly takes 2 s. A policy sees what a deployment can know (the op's start and its prediction,
-    # not its progress): the same rule as the live pipeline's (PipelineRules.backlog_s).
+    # not its progress): the same rule as the live pipeline's (PipelineRules.backlogs_s).
     env, pipe, gpus, done, _ = _pipeline(1, "sync", interference=UniformSlowdown(1.0))
     gpus[0].compute.run("decode", 100.0)
     pipe.place(TrainTask(0, 0.0, 1, 128))
@@ -92,7 +92,7 @@ def test_backlog_counts_the_running_op_as_its_prediction_less_the_time_it_has_ru
     def probe():
         for t in (0.5, 1.5, 2.5):
             yield env.timeout(t - env.now)
-            seen[t] = pipe.stage_backlog_s(0)
+            seen[t] = pipe.stage_backlogs_s()[0]
     env.process(probe())
     env.run(until=3.0)
     # task 0's forward (started at 0): 1 - 0.5 left, then its backward and task 1's forward and backward

@@ -41,8 +41,8 @@ class NoPipeline:
     def __init__(self, num_stages: int):
         self.S = num_stages
 
-    def stage_backlog_s(self, stage: int) -> float:
-        return 0.0
+    def stage_backlogs_s(self) -> list[float]:
+        return [0.0] * self.S
 
 
 def memory_gate(system, cluster, threshold: float, now):
@@ -81,8 +81,8 @@ class Node:
         return self.instance.kv_blocks_used(now)
 
     # NodeView
-    def stage_backlog_s(self, stage: int) -> float:
-        return self.pipeline.stage_backlog_s(stage)
+    def stage_backlogs_s(self) -> list[float]:
+        return self.pipeline.stage_backlogs_s()
 
     def serving_wait_s(self, now: float) -> float:
         """Queued prompt tokens times the prefill cost per token (past 64 queued requests, the rest of

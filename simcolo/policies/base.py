@@ -28,8 +28,8 @@ class NodeView(InstanceView, Protocol):
     num_stages: int
     last_arrival_s: float          # last task (request or training) placed here; -inf if none
 
-    def stage_backlog_s(self, stage: int) -> float:
-        """Solo seconds of training work placed on ``stage`` and not yet done."""
+    def stage_backlogs_s(self) -> list[float]:
+        """Solo seconds of training work placed on each stage and not yet done."""
 
     def serving_wait_s(self, now: float) -> float:
         """Predicted time before a new request's prefill starts (queued prompts)."""

@@ -2,7 +2,7 @@
 tasks on co-located pipelines.
 
 For a task and each node, predict per-stage start and finish times from the node's placed-but-undone
-training work (earlier samples' backward passes included, ``stage_backlog_s``), giving a predicted
+training work (earlier samples' backward passes included, ``stage_backlogs_s``), giving a predicted
 response time RT and a predicted idle time II (the gaps a stage sits idle waiting for this task), and
 score the node ``(IP + beta * LC) / (alpha * RT)`` with ``IP = -max(II / S - da, tau)`` (``da``: time since
 the node's last placement) and ``LC`` the Gaussian density of the task's length under the lengths of that
@@ -109,7 +109,7 @@ class LeMix(PipelinePolicy):
         for i, node in enumerate(nodes):
             S = node.num_stages
             fwd = predictor.task_forward_s(S)
-            rt, ii = predict_training(fwd, [node.stage_backlog_s(s) for s in range(S)])
+            rt, ii = predict_training(fwd, node.stage_backlogs_s())
             if rt > self.defer_factor * sum(fwd):
                 continue
             score = lemix_score(rt, ii, S, now - node.last_arrival_s, self._lc(node, task.tokens, True),

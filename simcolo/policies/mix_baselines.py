@@ -16,7 +16,7 @@ from simcolo.policies.round_robin import Cycle
 
 
 def node_load_s(node, now: float) -> float:
-    return max(node.stage_backlog_s(s) for s in range(node.num_stages)) + node.serving_wait_s(now)
+    return max(node.stage_backlogs_s()) + node.serving_wait_s(now)
 
 
 def least_utilised(nodes, now: float) -> int:

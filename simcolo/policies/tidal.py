@@ -206,7 +206,7 @@ class Tidal(Harli):
         """A request placed here would start serving beside training: the node is training and decodes nothing
         (on a node already decoding, one more sequence adds little to the co-run it already has)."""
         batch, _ = node.decode_load()
-        return batch == 0 and any(node.stage_backlog_s(s) > 0 for s in range(node.num_stages))
+        return batch == 0 and any(b > 0 for b in node.stage_backlogs_s())
 
     def _serving_pressure(self, node, now: float, prefill_s: float = 0.0, prompt: int = 0) -> float:
         """max(predicted TTFT / TTFT SLO, predicted decode iteration / TPOT SLO) on a co-located node, + 1 if
@@ -228,7 +228,7 @@ class Tidal(Harli):
         budget = k * self.defer_factor * unloaded
         best, room = None, False
         for i, node in enumerate(nodes):
-            rt, _ = predict_training(fwd, [node.stage_backlog_s(s) for s in range(S)])
+            rt, _ = predict_training(fwd, node.stage_backlogs_s())
             if rt > self.defer_factor * unloaded:
                 continue
             p = self._serving_pressure(node, now)

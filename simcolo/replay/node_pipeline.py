@@ -147,7 +147,7 @@ def _receive(x: Tensor, device: torch.device) -> Tensor:
 class LiveNodePipeline:
     """The training side of a live co-located node: S stage threads over ``stage_models`` (see the module
     docstring). Implements what ``colocation.nodes.Node`` and the live backend read: ``S``, ``index``,
-    ``place``, ``stage_backlog_s``, ``busy``, ``version``, ``train_busy_s``, ``report``."""
+    ``place``, ``stage_backlogs_s``, ``busy``, ``version``, ``train_busy_s``, ``report``."""
 
     def __init__(self, index: int, stage_models: list, devices: list, gpus: list[int], live,
                  forward_s: list[float], backward_s: list[float], optimizer_s: list[float],
@@ -230,14 +230,10 @@ class LiveNodePipeline:
             out[g] = out.get(g, 0.0) + busy
         return out
 
-    def stage_backlog_s(self, s: int) -> float:
-        """See ``PipelineRules.backlog_s``."""
+    def stage_backlogs_s(self) -> list[float]:
+        """See ``PipelineRules.backlogs_s``."""
         with self.live.lock:
-            run = self._running[s]
-            if run is None:
-                return self.rules.backlog_s(s)
-            op, start = run
-            return self.rules.backlog_s(s, op, start, self.live.now)
+            return self.rules.backlogs_s(self._running, self.live.now)
 
     def report(self) -> TrainerReport:
         with self.live.lock:

@@ -428,13 +428,10 @@ class NodePipeline:
             self._shown[s] = want
 
     # ------------------------------------------------------------------ views for policies (pure)
-    def stage_backlog_s(self, s: int) -> float:
-        """See ``PipelineRules.backlog_s``."""
-        run = self.running[s]
-        if run is None:
-            return self.rules.backlog_s(s)
-        op, kernel, _ = run
-        return self.rules.backlog_s(s, op, kernel.started_s, self.env.now)
+    def stage_backlogs_s(self) -> list[float]:
+        """See ``PipelineRules.backlogs_s``."""
+        return self.rules.backlogs_s([None if run is None else (run[0], run[1].started_s) for run in self.running],
+                                     self.env.now)
 
     def close(self, now: float) -> None:
         """End of the run: count the time the pipeline is still busy."""

@@ -174,20 +174,26 @@ class PipelineRules:
     def queued(self) -> int:
         return len(self.pending) + self.inflight
 
-    def backlog_s(self, s: int, running_op: str | None = None, running_since_s: float = 0.0,
-                  now: float = 0.0) -> float:
-        """Solo seconds of training work stage ``s`` still has to do for tasks placed here: the forwards
+    def backlogs_s(self, running: list[tuple[str, float] | None], now: float) -> list[float]:
+        """Solo seconds of training work each stage still has to do for tasks placed here: the forwards
         and backwards not yet run (earlier tasks' backwards included) and what is left of the op it is
-        running (``running_op``, started at ``running_since_s``; counted in ``n_f``/``n_b`` until it
-        finishes).
+        running (``running[s]``: the op and when it started, or None; the op is counted in ``n_f``/``n_b``
+        until it finishes).
 
         What is left of the running op is its prediction less the time it has run, in both backends: a
         deployment knows when a kernel started, not how far it has got, so the simulator does not tell a
-        policy the kernel's true progress either."""
-        n_f = self.n_f[s] - (running_op == "F")
-        n_b = self.n_b[s] - (running_op == "B")
-        left = 0.0 if running_op is None else max(0.0, self.solo_s(s, running_op) - (now - running_since_s))
-        return left + n_f * self.f[s] + n_b * self.b[s]
+        policy the kernel's true progress either. One call for all stages: LeMix and Tidal ask for every
+        node's at each placement."""
+        out = []
+        for s, run in enumerate(running):
+            n_f, n_b, left = self.n_f[s], self.n_b[s], 0.0
+            if run is not None:
+                op, since = run
+                n_f -= op == "F"
+                n_b -= op == "B"
+                left = max(0.0, self.solo_s(s, op) - (now - since))
+            out.append(left + n_f * self.f[s] + n_b * self.b[s])
+        return out
 
     def close(self, now: float) -> None:
         """Count the time a task is in the pipeline up to ``now`` into ``active_s``."""
