@@ -77,8 +77,8 @@ class _Predictor:
 class _Node:
     role = "both"
 
-    def __init__(self, backlog, wait=0.0, batch=0):
-        self.backlog, self.wait, self.batch = backlog, wait, batch
+    def __init__(self, backlog, wait=0.0, batch=0, kv_per_seq=1000):
+        self.backlog, self.wait, self.batch, self.kv_per_seq = backlog, wait, batch, kv_per_seq
         self.num_stages, self.last_arrival_s = len(backlog), -math.inf
 
     def stage_backlogs_s(self):
@@ -91,7 +91,7 @@ class _Node:
         return 1.0
 
     def decode_load(self):
-        return self.batch, 1000 * self.batch
+        return self.batch, self.kv_per_seq * self.batch
 
     def queue_blocked(self):
         return False
@@ -246,3 +246,24 @@ def test_same_config_and_seed_give_identical_results(policy):
     pd.testing.assert_frame_equal(a.requests(), b.requests())
     pd.testing.assert_frame_equal(a.training, b.training)
     assert a.summary == b.summary
+
+
+def test_queued_sequences_without_kv_count_one_token_each_in_the_decode_estimate():
+    # three requests queued on a training node, none admitted: batch 3, no KV yet. The estimate asks the
+    # decode table for one token per sequence (its grid's edge), not 0 (an off-grid query)
+    asked = []
+
+    class Recording(_Predictor):
+        def decode_solo_s(self, batch, kv):
+            asked.append((batch, kv))
+            return super().decode_solo_s(batch, kv)
+
+    policy = Tidal(KNOBS)
+    policy.bind(Recording())
+    queued = _Node([1.0, 1.0], batch=3, kv_per_seq=0)
+    assert policy._serving_pressure(queued, 1.0) == pytest.approx((0.005 + 0.0005 * 3 + 1e-7 * 3) / 0.1)
+    assert asked == [(3, 3)]
+    # a request on top of them: its prompt is its KV
+    asked.clear()
+    policy._serving_pressure(queued, 1.0, 0.01, 200)
+    assert asked == [(4, 200)]
