@@ -197,8 +197,10 @@ def test_fidelity_tables_rescale_and_drift(cpu_calibration, tmp_path):
 
     src = cpu_calibration[0] / "kernel"         # the sweep's tables (drift compares against them)
     rescale_tables(src, tmp_path / "x", {"replay_prefill_time_over_table": 1.5,
-                                         "replay_decode_time_over_table": float("nan")})
-    for table, factor in (("prefill", 1.5), ("decode", 1.0), ("train_stage", 1.0)):
+                                         "replay_decode_time_over_table": float("nan"),
+                                         "replay_train_time_over_table": 1.25})
+    # the training ratio scales both training tables (a run's simulation reads its own job's)
+    for table, factor in (("prefill", 1.5), ("decode", 1.0), ("train_stage", 1.25), ("lora_step", 1.25)):
         a, b = pd.read_csv(src / f"{table}.csv"), pd.read_csv(tmp_path / "x" / f"{table}.csv")
         assert np.allclose(b.latency_s, factor * a.latency_s)
         assert a.drop(columns="latency_s").equals(b.drop(columns="latency_s"))

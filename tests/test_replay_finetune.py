@@ -229,6 +229,22 @@ def test_decode_takes_back_blocks_lent_to_finetuning_without_waiting():
     assert rig.ft.report().counters["decode_waits_on_finetune_blocks"] == 0
 
 
+def test_time_sliced_micro_batches_are_all_measured_without_the_time_the_gate_held_them():
+    # flexllm beside a decode run: the finetune runs only in serving's pauses, so no micro-batch runs with
+    # the instance idle throughout; each is measured as its wall time less the gate's holds
+    rig = Rig("flexllm", role="both")
+    rig.add_tasks(6)
+    rig.start(serve=True)
+    with rig.live.lock:
+        rig.inst.enqueue(Request(7, 0.0, 64, 60))
+    rig.wait(lambda: len(rig.done) == 1)
+    rig.stop()
+    ft = rig.ft
+    assert ft.micro_batches >= 1 and ft.gate.paused_s > 0          # it trained, and was held while serving ran
+    assert ft.solo_s[1] == pytest.approx(ft.micro_batches * rig.plan.predictor.lora_step_s(2, SEQ))
+    assert 0 < ft.solo_s[0] <= ft.train_busy_s - ft.gate.paused_s + 1e-9
+
+
 # ------------------------------------------------------------------ failures
 
 

@@ -334,7 +334,7 @@ class LiveBackend(Backend):
         """Measured / predicted time of the serving iterations and training work the replay ran, per
         kind: 1 means the tables held for this run, whatever the machine did since calibration. An
         iteration with training beside it is predicted as the simulator does: its solo time times the
-        interference table's slowdown; training counts only work that ran with serving idle."""
+        interference table's slowdown; training counts only work that ran alone (the trainers' ``solo_s``)."""
         df = self.iterations_frame()
         out = {}
         beside_kind = "lora" if self.layout == "finetune" else "train"

@@ -126,11 +126,14 @@ def _run(args: list[str], log: Path) -> None:
 
 
 def rescale_tables(src: Path, dst: Path, ratios: dict[str, float]) -> None:
-    """Copy calibration ``src`` to ``dst`` with prefill, decode and train_stage latencies multiplied by
-    the in-situ ratios (``replay_<table>_time_over_table``; a missing or NaN ratio leaves a table as is)."""
+    """Copy calibration ``src`` to ``dst`` with prefill, decode and training latencies multiplied by the
+    in-situ ratios (``replay_<table>_time_over_table``; a missing or NaN ratio leaves a table as is). The
+    training ratio scales both training tables: a run trains one job, and its simulation reads only that
+    job's table (``train_stage`` for full training, ``lora_step`` for the finetune layouts)."""
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".progress.jsonl"))
-    for table, key in (("prefill", "prefill"), ("decode", "decode"), ("train_stage", "train")):
+    for table, key in (("prefill", "prefill"), ("decode", "decode"), ("train_stage", "train"),
+                       ("lora_step", "train")):
         r = ratios.get(f"replay_{key}_time_over_table", math.nan)
         path = dst / f"{table}.csv"
         if path.exists() and math.isfinite(r) and r > 0:
@@ -442,7 +445,8 @@ def _markdown(table: pd.DataFrame, drift: dict, a, load: dict) -> str:
         lines += ["", "**Diagnostic only** (not the fidelity figures above). In the replays themselves, measured / "
                       "predicted time of the same batches and tasks (median over replays; a serving iteration with "
                       "training beside it is predicted with the interference table's slowdown, as the simulator "
-                      "does; training counts work that ran with serving idle), and the error of the same simulation "
+                      "does; training counts work that ran alone: with serving idle, or, time-sliced, less the time "
+                      "held), and the error of the same simulation "
                       "re-run on tables rescaled by those ratios (\"in-situ tables\": what is left is the "
                       "simulator's own error):", ""]
         for policy, g in ratios.groupby("policy", sort=False):

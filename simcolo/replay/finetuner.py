@@ -53,8 +53,11 @@ applied:
 
 Measured beside the simulator's counters: ``plans`` (as ``LoraFinetuner``'s), ``train_busy_s`` (wall time
 with a micro-batch or optimizer step in flight, gate pauses included: a partitioned kernel is running),
-``solo_s`` = [measured, predicted] seconds of completed micro-batches that ran while the instance was idle
-throughout (predicted: ``predictor.lora_step_s``).
+``solo_s`` = [measured, predicted] seconds of completed micro-batches that ran alone (predicted:
+``predictor.lora_step_s``): with a partition, those during which the instance stayed idle (a partitioned
+micro-batch beside an iteration runs slowed, not alone); with time slicing, every one, its wall time less
+the time the gate held it (the two sides never overlap, so what is left is the micro-batch alone --
+under flexllm the instance is idle too rarely for the first rule to measure anything representative).
 """
 from __future__ import annotations
 
@@ -78,6 +81,7 @@ class _MicroBatch:
     start_s: float
     alone: bool                       # the instance was idle when it started
     iterations_before: int
+    held_before: float                # the gate's held time so far (time slicing: excluded from solo_s)
     stream: object = None             # CUDA: the stream it ran on
 
 
@@ -236,7 +240,7 @@ class LiveFinetuner(FinetunerRules):
         self._abort_requested = False
         self._phase = "microbatch"
         return _MicroBatch(mb, self.taken, [(task.id, k) for task, k in self.taken], self.live.now,
-                           self.inst.running_kind is None, self.inst.iterations)
+                           self.inst.running_kind is None, self.inst.iterations, self.gate.paused_s)
 
     # ------------------------------------------------------------------ the thread
     def start(self) -> None:
@@ -341,7 +345,10 @@ class LiveFinetuner(FinetunerRules):
         self.sequences_done += job.size
         self.tokens_done += job.size * self.seq_len
         inst = self.inst
-        if job.alone and inst.running_kind is None and inst.iterations == job.iterations_before:
+        if self.sharing == "time_slice":
+            self.solo_s[0] += end - job.start_s - (self.gate.paused_s - job.held_before)
+            self.solo_s[1] += self.predictor.lora_step_s(job.size, self.seq_len)
+        elif job.alone and inst.running_kind is None and inst.iterations == job.iterations_before:
             self.solo_s[0] += end - job.start_s
             self.solo_s[1] += self.predictor.lora_step_s(job.size, self.seq_len)
         self.taken = None
