@@ -249,21 +249,27 @@ def test_same_config_and_seed_give_identical_results(policy):
 
 
 def test_queued_sequences_without_kv_count_one_token_each_in_the_decode_estimate():
-    # three requests queued on a training node, none admitted: batch 3, no KV yet. The estimate asks the
-    # decode table for one token per sequence (its grid's edge), not 0 (an off-grid query)
-    asked = []
+    # three requests queued on a training node, none admitted: batch 3, no KV yet. The real predictor (the
+    # shipped H100 tables) counts one token per sequence (the decode grid's edge), not 0 (an off-grid
+    # query), and Tidal's serving pressure is that estimate over the TPOT SLO
+    import warnings
 
-    class Recording(_Predictor):
-        def decode_solo_s(self, batch, kv):
-            asked.append((batch, kv))
-            return super().decode_solo_s(batch, kv)
+    from simcolo.config.compose import load_config
+    from simcolo.config.run import RunConfig
+    from simcolo.costs import OffGridWarning
+    from simcolo.hardware.cluster import Topology
+    from simcolo.layout.plan import plan_layout
+    from simcolo.policies import make_policy
 
-    policy = Tidal(KNOBS)
-    policy.bind(Recording())
+    run = RunConfig.from_cfg(load_config(["cluster=h100x8", "policy=tidal"]))
+    policy = make_policy(run.policy, np.random.default_rng(0))
+    pred = plan_layout(run, policy, Topology.from_config(run.gpu, run.cluster)).predictor
+    policy.bind(pred)
     queued = _Node([1.0, 1.0], batch=3, kv_per_seq=0)
-    assert policy._serving_pressure(queued, 1.0) == pytest.approx((0.005 + 0.0005 * 3 + 1e-7 * 3) / 0.1)
-    assert asked == [(3, 3)]
-    # a request on top of them: its prompt is its KV
-    asked.clear()
-    policy._serving_pressure(queued, 1.0, 0.01, 200)
-    assert asked == [(4, 200)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OffGridWarning)
+        assert pred.decode_solo_s(3, 0) == pred.cost.decode_s(3, 3)
+        assert policy._serving_pressure(queued, 1.0) == pytest.approx(pred.cost.decode_s(3, 3) / pred.tpot_slo_s)
+        # a request on top of them: its prompt is its KV
+        assert policy._serving_pressure(queued, 1.0, 0.0, 200) == pytest.approx(
+            pred.cost.decode_s(4, 200) / pred.tpot_slo_s)

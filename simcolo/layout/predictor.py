@@ -76,7 +76,10 @@ class TablePredictor:
 
     # ---------------------------------------------------------------- decode + finetune (Harli)
     def decode_solo_s(self, batch: int, kv_tokens: int) -> float:
-        return self.cost.decode_s(batch, kv_tokens)
+        """A decode iteration of ``batch`` sequences holding ``kv_tokens``; a sequence counted before it holds
+        KV (queued, not yet admitted) counts one token, as it will once it decodes (the table's grid starts
+        at one token per sequence)."""
+        return self.cost.decode_s(batch, max(kv_tokens, batch))
 
     def decode_slowdown(self, share: float | None) -> float:
         """Stage two of the decode predictor: the co-run slowdown beside LoRA at ``share``."""

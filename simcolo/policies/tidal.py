@@ -215,10 +215,7 @@ class Tidal(Harli):
         rate = node.serving_rate()
         batch, kv = node.decode_load()
         ttft = (node.serving_wait_s(now) + prefill_s) / rate
-        # queued sequences count in the batch but hold no KV yet: each holds at least one token once it
-        # decodes (the decode table starts at one token per sequence)
-        n = batch + (1 if prompt else 0)
-        step = pred.decode_solo_s(n, max(kv + prompt, n)) / rate if n else 0.0
+        step = pred.decode_solo_s(batch + (1 if prompt else 0), kv + prompt) / rate if batch or prompt else 0.0
         return max(ttft / pred.ttft_slo_s, step / pred.tpot_slo_s) + (1.0 if node.queue_blocked() else 0.0)
 
     # ------------------------------------------------------------------ full training on co-located pipelines

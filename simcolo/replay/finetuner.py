@@ -346,10 +346,13 @@ class LiveFinetuner(FinetunerRules):
         self.tokens_done += job.size * self.seq_len
         inst = self.inst
         if self.sharing == "time_slice":
-            self.solo_s[0] += end - job.start_s - (self.gate.paused_s - job.held_before)
-            self.solo_s[1] += self.predictor.lora_step_s(job.size, self.seq_len)
+            alone_s = end - job.start_s - (self.gate.paused_s - job.held_before)
         elif job.alone and inst.running_kind is None and inst.iterations == job.iterations_before:
-            self.solo_s[0] += end - job.start_s
+            alone_s = end - job.start_s
+        else:
+            alone_s = None
+        if alone_s is not None:
+            self.solo_s[0] += alone_s
             self.solo_s[1] += self.predictor.lora_step_s(job.size, self.seq_len)
         self.taken = None
         for task in self.pool.finish(job.taken, end):
