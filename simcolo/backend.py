@@ -56,8 +56,8 @@ class TrainingRecords:
         if self.blocks:
             order = np.argsort(cols["end_s"], kind="stable")
             cols = {c: v[order] for c, v in cols.items()}
-        # the columns are arrays made here: not copied again into one block (a finetune week's frame: ~0.15 s
-        # -> ~0.09 s)
+        # the columns are arrays made here: not copied again into one block (a finetune week's 2 million steps:
+        # ~40 % of the frame's time)
         return pd.DataFrame(cols, copy=False)
 
 
