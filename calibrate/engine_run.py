@@ -19,11 +19,18 @@ sweep, ``python -m calibrate``:
    same factor) and writes them to ``<out>``, the metadata saying
    so (key ``refined``, ``method``).
 
+A run during which the machine changed speed (a shared VM can halve its speed for tens of seconds) would
+fit the tables to that moment. Its two halves (alternating 2 s blocks, :func:`calibrate.refine.unsteady`)
+then give scales more than ``engine_run.max_half_ratio`` apart, and the run is made again, up to
+``engine_run.tries`` runs in all; the steadiest is kept (in ``<out>/engine_run``, the others beside it as
+``engine_run.unsteady<i>``), and the metadata's ``engine_run`` lists every run's split-half scales.
+
 ``engine_run.enabled=false`` keeps the kernel tables as they are (the earlier behaviour).
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -32,7 +39,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from calibrate.context import CalibrationError
-from calibrate.refine import refine
+from calibrate.refine import half_ratio, refine, unsteady
 from simcolo.costs.schema import METADATA_FILE
 from simcolo.errors import ConfigError
 
@@ -50,6 +57,13 @@ def settings(cfg: DictConfig, profile: str) -> dict | None:
         raise ConfigError(f"engine_run.profiles.{profile}: missing; expected workload and layout lists of replay "
                           "overrides for this profile, or engine_run.enabled=false")
     out = {"config_dir": e.get("config_dir"), "timeout_s": float(e.get("timeout_s") or 900)}
+    tries, ratio = e.get("tries", 1), e.get("max_half_ratio", math.inf)
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise ConfigError(f"engine_run.tries={tries!r}; expected an integer >= 1 (runs made at most)")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
+        raise ConfigError(f"engine_run.max_half_ratio={ratio!r}; expected a number >= 1 (how far apart the scales "
+                          "fitted on the run's two halves may be)")
+    out["tries"], out["max_half_ratio"] = tries, float(ratio)
     duration = e.get("duration_s")
     if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0):
         raise ConfigError(f"engine_run.duration_s={duration!r}; expected seconds > 0 or null (the profile's)")
@@ -79,23 +93,28 @@ def calibrate_in_engine(out: Path, e: dict, model: str, gpu: str, device: str, t
     """Steps 2 and 3 of the module docstring, on the kernel tables in ``out/kernel``; returns refine's
     report. The fitted tables replace the table files and metadata.json in ``out``."""
     out = Path(out)
-    kernel, run_dir = out / KERNEL_DIR, out / RUN_DIR
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = command(e, model, gpu, device, threads, seed, kernel.resolve(), run_dir.resolve())
-    print("calibrate: engine run: " + " ".join(cmd[1:]), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=e["timeout_s"], check=False)
-    (run_dir).mkdir(parents=True, exist_ok=True)
-    (run_dir / "engine_run.log").write_text("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise CalibrationError(f"the engine run (python -m simcolo.replay) failed with exit {proc.returncode}: "
-                          f"{' | '.join(tail)}; full log in {run_dir / 'engine_run.log'} (engine_run.enabled=false "
-                          "writes the kernel tables only)")
-    for bulky in ("gpus.parquet", "plots"):      # keep the small files only (refine reads requests.parquet)
-        p = run_dir / bulky
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    fitted = out / ".fitted"
-    report = refine([run_dir], fitted, tables=kernel, quiet=True, other_training=True)
+    kernel, run_dir, fitted = out / KERNEL_DIR, out / RUN_DIR, out / ".fitted"
+    for old in [run_dir, *out.glob(f"{RUN_DIR}.unsteady*")]:
+        shutil.rmtree(old, ignore_errors=True)
+    runs = []                     # (split-half ratio, directory name, refine's report) of each run
+    for i in range(1, e["tries"] + 1):
+        _run_engine(e, model, gpu, device, threads, seed, kernel, run_dir)
+        report = refine([run_dir], fitted, tables=kernel, quiet=True, other_training=True)
+        shaky = unsteady(report["halves"], e["max_half_ratio"])
+        if not shaky:
+            break
+        name = f"{RUN_DIR}.unsteady{i}"
+        runs.append((half_ratio(report["halves"]), name, report))
+        print(f"calibrate: engine run {i} of at most {e['tries']} was unsteady: its two halves' scales are more than "
+              f"{e['max_half_ratio']:g}x apart ({'; '.join(shaky)}): the machine changed speed while it ran; "
+              + ("running it again" if i < e["tries"] else "keeping the steadiest run"), flush=True)
+        shutil.rmtree(out / name, ignore_errors=True)
+        run_dir.rename(out / name)
+    else:   # every run unsteady: keep the steadiest, fitted again from where it now lies
+        _, name, _ = min(runs, key=lambda r: r[0])
+        (out / name).rename(run_dir)
+        report = refine([run_dir], fitted, tables=kernel, quiet=True, other_training=True)
+        runs = [r for r in runs if r[1] != name]
     for f in fitted.iterdir():
         if f.suffix in (".csv", ".json"):
             f.replace(out / f.name)
@@ -106,5 +125,28 @@ def calibrate_in_engine(out: Path, e: dict, model: str, gpu: str, device: str, t
                       f"a live run of the replay engine ({' '.join(e['workload'] + e['layout'])}), each "
                       "iteration kind's tables scaled so that their predictions of the run's iterations add up "
                       f"to the measured time (metadata `refined`; the sweep's own tables are in {KERNEL_DIR}/).")
+    meta["engine_run"] = {
+        "max_half_ratio": e["max_half_ratio"], "tries": e["tries"],
+        "steady": not unsteady(report["halves"], e["max_half_ratio"]),
+        "kept": {"dir": RUN_DIR, "halves": report["halves"]},
+        "set_aside": [{"dir": name, "halves": r["halves"]} for _, name, r in runs]}
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return report
+
+
+def _run_engine(e: dict, model: str, gpu: str, device: str, threads: int | None, seed: int, kernel: Path,
+                run_dir: Path) -> None:
+    """One live run of the engine on the kernel tables into ``run_dir`` (its small files only)."""
+    cmd = command(e, model, gpu, device, threads, seed, kernel.resolve(), run_dir.resolve())
+    print("calibrate: engine run: " + " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=e["timeout_s"], check=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "engine_run.log").write_text("$ " + " ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise CalibrationError(f"the engine run (python -m simcolo.replay) failed with exit {proc.returncode}: "
+                          f"{' | '.join(tail)}; full log in {run_dir / 'engine_run.log'} (engine_run.enabled=false "
+                          "writes the kernel tables only)")
+    for bulky in ("gpus.parquet", "plots"):      # keep the small files only (refine reads requests.parquet)
+        p = run_dir / bulky
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

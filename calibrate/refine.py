@@ -25,7 +25,10 @@ Held-out error: iterations are split into alternating blocks of ``--block-s`` se
 law is fitted on one half and evaluated on the other, both ways. For each kind it reports the error of
 the total time (``|sum predicted - sum measured| / sum measured``, what mean TTFT / TPOT inherit) and the
 median per-iteration error, before (the runs' own tables) and after (the refined ones); training,
-with two runs or more, leaves one run out at a time. ``refine.json`` in DIR holds all of it.
+with two runs or more, leaves one run out at a time. The same two halves, each fitted on its own, give
+each kind's *split-half scales* (``halves``): a machine that kept its speed through the runs gives two
+close scales; far apart, it changed speed while they ran (:func:`unsteady`; the calibration's engine run
+is repeated then). ``refine.json`` in DIR holds all of it.
 """
 from __future__ import annotations
 
@@ -318,6 +321,11 @@ def _errors(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
             "median_rel_err": float(np.median(np.abs(pred - meas) / meas))}
 
 
+def _half(run: RunLog, block_s: float) -> np.ndarray:
+    """0 or 1 for each iteration of ``run``: the alternating ``block_s`` block it started in."""
+    return np.floor(run.iterations.start_s.to_numpy() / block_s).astype(int) % 2
+
+
 def held_out(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: float, work: Path) -> dict:
     """Error of the base and the refined tables on iterations the refinement did not see: alternating
     ``block_s`` blocks of each run, fitted on one half and evaluated on the other, both ways."""
@@ -325,7 +333,7 @@ def held_out(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: fl
     for fold in (0, 1):
         train_runs, train_pred, test = [], [], []
         for run, p in zip(runs, base_predictions):
-            blocks = (np.floor(run.iterations.start_s.to_numpy() / block_s).astype(int) % 2)
+            blocks = _half(run, block_s)
             tr, te = blocks != fold, blocks == fold
             train_runs.append(RunLog(run.path, run.iterations[tr], run.tables, run.train_table, run.train_ratio))
             train_pred.append(p[tr])
@@ -364,6 +372,49 @@ def held_out(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: fl
     return out
 
 
+def half_scales(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: float) -> dict:
+    """Each fitted kind's law fitted on each half of the held-out split on its own:
+    ``{kind: {"scales": [even blocks, odd blocks], "iterations": [n, n]}}`` (kinds with iterations in both)."""
+    out = {}
+    for kind in KINDS:
+        scales, counts = [], []
+        for half in (0, 1):
+            pred, meas = [], []
+            for run, p in zip(runs, base_predictions):
+                it = run.iterations
+                m = (_half(run, block_s) == half) & (it.kind == kind).to_numpy() & ~it.training_beside.to_numpy(bool)
+                pred.append(p[m])
+                meas.append(it.measured_s.to_numpy()[m])
+            law = fit_law(np.concatenate(pred), np.concatenate(meas))
+            scales.append(law.scale)
+            counts.append(law.iterations)
+        if min(counts) > 0:
+            out[kind] = {"scales": scales, "iterations": counts}
+    return out
+
+
+#: a half with fewer iterations of a kind than this says nothing about the machine's speed
+STEADY_MIN_ITERATIONS = 20
+
+
+def unsteady(halves: dict, max_ratio: float) -> list[str]:
+    """The kinds whose split-half scales (:func:`half_scales`) are more than ``max_ratio`` apart, each
+    with at least ``STEADY_MIN_ITERATIONS`` iterations a half, as readable lines (empty: steady)."""
+    out = []
+    for kind, h in halves.items():
+        lo, hi = sorted(h["scales"])
+        if min(h["iterations"]) >= STEADY_MIN_ITERATIONS and hi > max_ratio * lo:
+            out.append(f"{kind} {h['scales'][0]:.2f}x vs {h['scales'][1]:.2f}x "
+                       f"({h['iterations'][0]} and {h['iterations'][1]} iterations)")
+    return out
+
+
+def half_ratio(halves: dict) -> float:
+    """The largest ratio between the two halves' scales of any kind with enough iterations (1: none)."""
+    return max((max(h["scales"]) / min(h["scales"]) for h in halves.values()
+                if min(h["iterations"]) >= STEADY_MIN_ITERATIONS and min(h["scales"]) > 0), default=1.0)
+
+
 # --------------------------------------------------------------------------------- the command
 
 def refine(run_dirs: list[str | Path], out: str | Path, tables: str | Path | None = None,
@@ -400,7 +451,7 @@ def refine(run_dirs: list[str | Path], out: str | Path, tables: str | Path | Non
         interference = None
     f = fit(runs, base_predictions, other_training, interference)
     provenance = {"base": str(Path(base).resolve()), "runs": [str(r.path.resolve()) for r in runs],
-                  "held_out": errors, "block_s": block_s}
+                  "held_out": errors, "halves": half_scales(runs, base_predictions, block_s), "block_s": block_s}
     write_refined(base, f, out, provenance)
     report = {"out": str(out), **provenance,
               "laws": {k: vars(v) for k, v in f.laws.items()}, "train_factors": f.train,
@@ -434,6 +485,9 @@ def format_report(report: dict) -> str:
                      f"{b['median_rel_err']:>14.1%} {a['median_rel_err']:>13.1%}")
         if kind in KINDS:
             worst_before, worst_after = max(worst_before, b["total_rel_err"]), max(worst_after, a["total_rel_err"])
+    if report.get("halves"):
+        lines.append("split-half scales (each half fitted on its own; far apart: the machine changed speed): "
+                     + ", ".join(f"{k} {h['scales'][0]:.3f} / {h['scales'][1]:.3f}" for k, h in report["halves"].items()))
     lines.append(f"heldout_total_rel_err_before={worst_before:.4f} heldout_total_rel_err_after={worst_after:.4f}")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ tables fitted to its iterations) and its engine run, a real replay with a real i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.refine import fit_law, iteration_kind, KINDS, predict, refine, wake_up
+from calibrate.refine import (fit_law, half_ratio, iteration_kind, KINDS, predict, refine, STEADY_MIN_ITERATIONS,
+                              unsteady, wake_up)
 from simcolo.costs import CostModel
 from simcolo.costs.interference_table import InterferenceTable
 from simcolo.paths import PROJECT_ROOT
@@ -31,6 +33,9 @@ def test_the_calibration_is_the_kernel_sweep_fitted_to_the_engine_run(cpu_calibr
     refined = meta["refined"]
     assert refined["base"] == str(kernel.resolve()) and refined["runs"] == [str(run.resolve())]
     assert "engine" in meta["method"]
+    # one run made (the session's calibration asks for one), its split-half scales recorded
+    assert meta["engine_run"]["tries"] == 1 and meta["engine_run"]["set_aside"] == []
+    assert meta["engine_run"]["kept"] == {"dir": "engine_run", "halves": refined["halves"]}
     # each table is the sweep's times the engine's measured / predicted time of the same work (a prefill
     # that woke an idle instance counted from its request's arrival)
     wake = wake_up(it, pd.read_parquet(run / "requests.parquet"))
@@ -146,3 +151,83 @@ def test_refine_in_process_writes_loadable_tables(cpu_calibration, tmp_path):
     base = CostModel.load(out / "kernel")
     scale = report["laws"]["decode"]["scale"]
     assert cm.decode_s(4, 4 * 128) == pytest.approx(scale * base.decode_s(4, 4 * 128), rel=1e-5)
+
+
+def test_split_half_scales_show_a_machine_that_changed_speed(cpu_calibration, tmp_path):
+    """Each half of the held-out split fitted on its own (``halves``); the same engine run with every decode
+    iteration of its odd blocks made 3x longer -- the machine slowed to a third for half the run -- gives the
+    odd half three times the scale and the even half the same, and :func:`unsteady` names decode once the
+    halves are further apart than it allows."""
+    out = cpu_calibration[0]
+    run = out / "engine_run"
+    report = refine([run], tmp_path / "r", quiet=True)
+    it = pd.read_parquet(run / "iterations.parquet")
+    wake = wake_up(it, pd.read_parquet(run / "requests.parquet"))
+    half = np.floor(it.start_s.to_numpy() / report["block_s"]).astype(int) % 2
+    solo = ~it.training_beside.to_numpy(bool)
+    measured = (it.end_s - it.start_s).to_numpy() + wake
+    for kind, h in report["halves"].items():
+        for b in (0, 1):
+            m = solo & (half == b) & (iteration_kind(it) == kind).to_numpy()
+            assert h["iterations"][b] == m.sum() > 0
+            assert h["scales"][b] == pytest.approx(measured[m].sum() / it.predicted_s.to_numpy()[m].sum(), rel=1e-9)
+    even, odd = report["halves"]["decode"]["scales"]
+    assert min(report["halves"]["decode"]["iterations"]) >= STEADY_MIN_ITERATIONS   # thousands of decodes
+
+    slowed = tmp_path / "slowed"
+    shutil.copytree(run, slowed)
+    decode_odd = (half == 1) & (iteration_kind(it) == "decode").to_numpy()
+    it.loc[decode_odd, "end_s"] = it.start_s[decode_odd] + 3.0 * (it.end_s - it.start_s)[decode_odd]
+    it.to_parquet(slowed / "iterations.parquet")
+    halves = refine([slowed], tmp_path / "r2", tables=out / "kernel", quiet=True)["halves"]
+    assert halves["decode"]["scales"] == pytest.approx([even, 3.0 * odd], rel=1e-9)
+    ratio = max(even, 3 * odd) / min(even, 3 * odd)
+    assert half_ratio(halves) >= ratio
+    assert any(line.startswith("decode ") for line in unsteady(halves, 0.99 * ratio))
+    assert not any(line.startswith("decode") for line in unsteady(halves, 1.01 * ratio))
+
+
+def test_an_unsteady_engine_run_is_made_again_and_the_steadiest_kept(cpu_calibration, tmp_path):
+    """``engine_run.tries=2`` with ``max_half_ratio=1`` (no two halves of a live run fit exactly the same
+    scale): two real engine runs on the session's kernel tables, both unsteady; the one whose halves are
+    closer is kept as ``engine_run`` and fitted, the other set aside beside it, and the metadata says so.
+    Training tasks arrive at 5/s instead of the profile's 20, so that a 5 s run decodes alone often enough in
+    both halves to be judged (``STEADY_MIN_ITERATIONS``)."""
+    from omegaconf import OmegaConf
+
+    from calibrate.engine_run import calibrate_in_engine, settings
+
+    out = tmp_path / "cal"
+    shutil.copytree(cpu_calibration[0] / "kernel", out / "kernel")
+    shutil.copy(cpu_calibration[0] / "kernel" / "metadata.json", out / "metadata.json")
+    cfg = OmegaConf.load(PROJECT_ROOT / "conf" / "calibrate.yaml")
+    cfg.engine_run.tries, cfg.engine_run.max_half_ratio, cfg.engine_run.duration_s = 2, 1.0, 5
+    layout = cfg.engine_run.profiles.cpu.layout
+    layout[list(layout).index("training.data.rate_tps=20")] = "training.data.rate_tps=5"
+    e = settings(cfg, "cpu")
+    report = calibrate_in_engine(out, e, "tiny", "cpu", "cpu", 1, 0)
+    meta = json.loads((out / "metadata.json").read_text())["engine_run"]
+    assert meta["tries"] == 2 and meta["max_half_ratio"] == 1.0 and meta["steady"] is False
+    (aside,) = meta["set_aside"]
+    assert aside["dir"] in ("engine_run.unsteady1", "engine_run.unsteady2")
+    assert (out / aside["dir"] / "iterations.parquet").is_file() and (out / "engine_run" / "iterations.parquet").is_file()
+    assert half_ratio(meta["kept"]["halves"]) <= half_ratio(aside["halves"])
+    assert meta["kept"]["halves"] == report["halves"]
+    assert report["runs"] == [str((out / "engine_run").resolve())]
+    scale = report["laws"]["decode"]["scale"]
+    a, b = pd.read_csv(out / "kernel" / "decode.csv"), pd.read_csv(out / "decode.csv")
+    assert np.allclose(b.latency_s, scale * a.latency_s, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key, value, match", [("tries", 0, "engine_run.tries=0; expected an integer >= 1"),
+                                               ("max_half_ratio", 0.9, "engine_run.max_half_ratio=0.9; expected")])
+def test_engine_run_retry_settings_are_checked(key, value, match):
+    from omegaconf import OmegaConf
+
+    from calibrate.engine_run import settings
+    from simcolo.errors import ConfigError
+
+    cfg = OmegaConf.load(PROJECT_ROOT / "conf" / "calibrate.yaml")
+    cfg.engine_run[key] = value
+    with pytest.raises(ConfigError, match=match):
+        settings(cfg, "cpu")
