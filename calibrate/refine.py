@@ -397,22 +397,25 @@ def half_scales(runs: list[RunLog], base_predictions: list[np.ndarray], block_s:
 STEADY_MIN_ITERATIONS = 20
 
 
+def _judged(halves: dict):
+    """(kind, halves, ratio of the larger scale to the smaller) of each kind with at least
+    ``STEADY_MIN_ITERATIONS`` iterations in each half."""
+    for kind, h in halves.items():
+        if min(h["iterations"]) >= STEADY_MIN_ITERATIONS:
+            lo, hi = sorted(h["scales"])
+            yield kind, h, hi / lo if lo > 0 else math.inf
+
+
 def unsteady(halves: dict, max_ratio: float) -> list[str]:
     """The kinds whose split-half scales (:func:`half_scales`) are more than ``max_ratio`` apart, each
     with at least ``STEADY_MIN_ITERATIONS`` iterations a half, as readable lines (empty: steady)."""
-    out = []
-    for kind, h in halves.items():
-        lo, hi = sorted(h["scales"])
-        if min(h["iterations"]) >= STEADY_MIN_ITERATIONS and hi > max_ratio * lo:
-            out.append(f"{kind} {h['scales'][0]:.2f}x vs {h['scales'][1]:.2f}x "
-                       f"({h['iterations'][0]} and {h['iterations'][1]} iterations)")
-    return out
+    return [f"{kind} {h['scales'][0]:.2f}x vs {h['scales'][1]:.2f}x ({h['iterations'][0]} and "
+            f"{h['iterations'][1]} iterations)" for kind, h, ratio in _judged(halves) if ratio > max_ratio]
 
 
 def half_ratio(halves: dict) -> float:
-    """The largest ratio between the two halves' scales of any kind with enough iterations (1: none)."""
-    return max((max(h["scales"]) / min(h["scales"]) for h in halves.values()
-                if min(h["iterations"]) >= STEADY_MIN_ITERATIONS and min(h["scales"]) > 0), default=1.0)
+    """The largest ratio between the two halves' scales of any kind :func:`unsteady` judges (1: none)."""
+    return max((ratio for _, _, ratio in _judged(halves)), default=1.0)
 
 
 # --------------------------------------------------------------------------------- the command
