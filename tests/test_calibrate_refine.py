@@ -153,14 +153,52 @@ def test_refine_in_process_writes_loadable_tables(cpu_calibration, tmp_path):
     assert cm.decode_s(4, 4 * 128) == pytest.approx(scale * base.decode_s(4, 4 * 128), rel=1e-5)
 
 
-def test_split_half_scales_show_a_machine_that_changed_speed(cpu_calibration, tmp_path):
+@pytest.fixture(scope="module")
+def two_engine_runs(cpu_calibration, tmp_path_factory):
+    """The engine fit of the session's kernel tables with ``engine_run.tries=2`` and ``max_half_ratio=1``
+    (no two halves of a live run fit exactly the same scale): two real engine runs, both unsteady. Training
+    tasks arrive at 5/s instead of the profile's 20, so that a 5 s run decodes alone often enough in both
+    halves to be judged (``STEADY_MIN_ITERATIONS``; 180-480 a half on this 2-core VM, where the session's
+    run, with the profile's 20/s, has had under 20). Returns (calibration directory, refine's report)."""
+    from omegaconf import OmegaConf
+
+    from calibrate.engine_run import calibrate_in_engine, settings
+
+    out = tmp_path_factory.mktemp("two_runs") / "cal"
+    shutil.copytree(cpu_calibration[0] / "kernel", out / "kernel")
+    shutil.copy(cpu_calibration[0] / "kernel" / "metadata.json", out / "metadata.json")
+    cfg = OmegaConf.load(PROJECT_ROOT / "conf" / "calibrate.yaml")
+    cfg.engine_run.tries, cfg.engine_run.max_half_ratio, cfg.engine_run.duration_s = 2, 1.0, 5
+    layout = cfg.engine_run.profiles.cpu.layout
+    layout[list(layout).index("training.data.rate_tps=20")] = "training.data.rate_tps=5"
+    return out, calibrate_in_engine(out, settings(cfg, "cpu"), "tiny", "cpu", "cpu", 1, 0)
+
+
+def test_an_unsteady_engine_run_is_made_again_and_the_steadiest_kept(two_engine_runs):
+    """Both runs unsteady: the one whose halves are closer is kept as ``engine_run`` and fitted, the other
+    set aside beside it, and the metadata says so."""
+    out, report = two_engine_runs
+    meta = json.loads((out / "metadata.json").read_text())["engine_run"]
+    assert meta["tries"] == 2 and meta["max_half_ratio"] == 1.0 and meta["steady"] is False
+    (aside,) = meta["set_aside"]
+    assert aside["dir"] in ("engine_run.unsteady1", "engine_run.unsteady2")
+    assert (out / aside["dir"] / "iterations.parquet").is_file() and (out / "engine_run" / "iterations.parquet").is_file()
+    assert half_ratio(meta["kept"]["halves"]) <= half_ratio(aside["halves"])
+    assert meta["kept"]["halves"] == report["halves"]
+    assert report["runs"] == [str((out / "engine_run").resolve())]
+    scale = report["laws"]["decode"]["scale"]
+    a, b = pd.read_csv(out / "kernel" / "decode.csv"), pd.read_csv(out / "decode.csv")
+    assert np.allclose(b.latency_s, scale * a.latency_s, rtol=1e-5)
+
+
+def test_split_half_scales_show_a_machine_that_changed_speed(two_engine_runs, tmp_path):
     """Each half of the held-out split fitted on its own (``halves``); the same engine run with every decode
     iteration of its odd blocks made 3x longer -- the machine slowed to a third for half the run -- gives the
     odd half three times the scale and the even half the same, and :func:`unsteady` names decode once the
     halves are further apart than it allows."""
-    out = cpu_calibration[0]
+    out = two_engine_runs[0]
     run = out / "engine_run"
-    report = refine([run], tmp_path / "r", quiet=True)
+    report = refine([run], tmp_path / "r", tables=out / "kernel", quiet=True)
     it = pd.read_parquet(run / "iterations.parquet")
     wake = wake_up(it, pd.read_parquet(run / "requests.parquet"))
     half = np.floor(it.start_s.to_numpy() / report["block_s"]).astype(int) % 2
@@ -172,7 +210,7 @@ def test_split_half_scales_show_a_machine_that_changed_speed(cpu_calibration, tm
             assert h["iterations"][b] == m.sum() > 0
             assert h["scales"][b] == pytest.approx(measured[m].sum() / it.predicted_s.to_numpy()[m].sum(), rel=1e-9)
     even, odd = report["halves"]["decode"]["scales"]
-    assert min(report["halves"]["decode"]["iterations"]) >= STEADY_MIN_ITERATIONS   # thousands of decodes
+    assert min(report["halves"]["decode"]["iterations"]) >= STEADY_MIN_ITERATIONS
 
     slowed = tmp_path / "slowed"
     shutil.copytree(run, slowed)
@@ -185,38 +223,6 @@ def test_split_half_scales_show_a_machine_that_changed_speed(cpu_calibration, tm
     assert half_ratio(halves) >= ratio
     assert any(line.startswith("decode ") for line in unsteady(halves, 0.99 * ratio))
     assert not any(line.startswith("decode") for line in unsteady(halves, 1.01 * ratio))
-
-
-def test_an_unsteady_engine_run_is_made_again_and_the_steadiest_kept(cpu_calibration, tmp_path):
-    """``engine_run.tries=2`` with ``max_half_ratio=1`` (no two halves of a live run fit exactly the same
-    scale): two real engine runs on the session's kernel tables, both unsteady; the one whose halves are
-    closer is kept as ``engine_run`` and fitted, the other set aside beside it, and the metadata says so.
-    Training tasks arrive at 5/s instead of the profile's 20, so that a 5 s run decodes alone often enough in
-    both halves to be judged (``STEADY_MIN_ITERATIONS``)."""
-    from omegaconf import OmegaConf
-
-    from calibrate.engine_run import calibrate_in_engine, settings
-
-    out = tmp_path / "cal"
-    shutil.copytree(cpu_calibration[0] / "kernel", out / "kernel")
-    shutil.copy(cpu_calibration[0] / "kernel" / "metadata.json", out / "metadata.json")
-    cfg = OmegaConf.load(PROJECT_ROOT / "conf" / "calibrate.yaml")
-    cfg.engine_run.tries, cfg.engine_run.max_half_ratio, cfg.engine_run.duration_s = 2, 1.0, 5
-    layout = cfg.engine_run.profiles.cpu.layout
-    layout[list(layout).index("training.data.rate_tps=20")] = "training.data.rate_tps=5"
-    e = settings(cfg, "cpu")
-    report = calibrate_in_engine(out, e, "tiny", "cpu", "cpu", 1, 0)
-    meta = json.loads((out / "metadata.json").read_text())["engine_run"]
-    assert meta["tries"] == 2 and meta["max_half_ratio"] == 1.0 and meta["steady"] is False
-    (aside,) = meta["set_aside"]
-    assert aside["dir"] in ("engine_run.unsteady1", "engine_run.unsteady2")
-    assert (out / aside["dir"] / "iterations.parquet").is_file() and (out / "engine_run" / "iterations.parquet").is_file()
-    assert half_ratio(meta["kept"]["halves"]) <= half_ratio(aside["halves"])
-    assert meta["kept"]["halves"] == report["halves"]
-    assert report["runs"] == [str((out / "engine_run").resolve())]
-    scale = report["laws"]["decode"]["scale"]
-    a, b = pd.read_csv(out / "kernel" / "decode.csv"), pd.read_csv(out / "decode.csv")
-    assert np.allclose(b.latency_s, scale * a.latency_s, rtol=1e-5)
 
 
 @pytest.mark.parametrize("key, value, match", [("tries", 0, "engine_run.tries=0; expected an integer >= 1"),
