@@ -220,7 +220,7 @@ def test_split_half_scales_show_a_machine_that_changed_speed(two_engine_runs, tm
     halves = refine([slowed], tmp_path / "r2", tables=out / "kernel", quiet=True)["halves"]
     assert halves["decode"]["scales"] == pytest.approx([even, 3.0 * odd], rel=1e-9)
     ratio = max(even, 3 * odd) / min(even, 3 * odd)
-    assert half_ratio(halves) >= ratio
+    assert half_ratio(halves) >= ratio * (1 - 1e-9)          # decode judged (prefill may be further apart)
     assert any(line.startswith("decode ") for line in unsteady(halves, 0.99 * ratio))
     assert not any(line.startswith("decode") for line in unsteady(halves, 1.01 * ratio))
 
