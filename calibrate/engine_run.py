@@ -96,7 +96,7 @@ def calibrate_in_engine(out: Path, e: dict, model: str, gpu: str, device: str, t
     kernel, run_dir, fitted = out / KERNEL_DIR, out / RUN_DIR, out / ".fitted"
     for old in [run_dir, *out.glob(f"{RUN_DIR}.unsteady*")]:
         shutil.rmtree(old, ignore_errors=True)
-    runs = []                     # (split-half ratio, directory name, refine's report) of each run
+    runs = []                     # (directory name, refine's report) of each unsteady run
     for i in range(1, e["tries"] + 1):
         _run_engine(e, model, gpu, device, threads, seed, kernel, run_dir)
         report = refine([run_dir], fitted, tables=kernel, quiet=True, other_training=True)
@@ -104,17 +104,17 @@ def calibrate_in_engine(out: Path, e: dict, model: str, gpu: str, device: str, t
         if not shaky:
             break
         name = f"{RUN_DIR}.unsteady{i}"
-        runs.append((half_ratio(report["halves"]), name, report))
+        runs.append((name, report))
         print(f"calibrate: engine run {i} of at most {e['tries']} was unsteady: its two halves' scales are more than "
               f"{e['max_half_ratio']:g}x apart ({'; '.join(shaky)}): the machine changed speed while it ran; "
               + ("running it again" if i < e["tries"] else "keeping the steadiest run"), flush=True)
         shutil.rmtree(out / name, ignore_errors=True)
         run_dir.rename(out / name)
     else:   # every run unsteady: keep the steadiest, fitted again from where it now lies
-        _, name, _ = min(runs, key=lambda r: r[0])
+        name, _ = min(runs, key=lambda r: half_ratio(r[1]["halves"]))
         (out / name).rename(run_dir)
         report = refine([run_dir], fitted, tables=kernel, quiet=True, other_training=True)
-        runs = [r for r in runs if r[1] != name]
+        runs = [r for r in runs if r[0] != name]
     for f in fitted.iterdir():
         if f.suffix in (".csv", ".json"):
             f.replace(out / f.name)
@@ -129,7 +129,7 @@ def calibrate_in_engine(out: Path, e: dict, model: str, gpu: str, device: str, t
         "max_half_ratio": e["max_half_ratio"], "tries": e["tries"],
         "steady": not unsteady(report["halves"], e["max_half_ratio"]),
         "kept": {"dir": RUN_DIR, "halves": report["halves"]},
-        "set_aside": [{"dir": name, "halves": r["halves"]} for _, name, r in runs]}
+        "set_aside": [{"dir": name, "halves": r["halves"]} for name, r in runs]}
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return report
 

@@ -321,24 +321,24 @@ def _errors(pred: np.ndarray, meas: np.ndarray) -> dict[str, float]:
             "median_rel_err": float(np.median(np.abs(pred - meas) / meas))}
 
 
-def _half(run: RunLog, block_s: float) -> np.ndarray:
-    """0 or 1 for each iteration of ``run``: the alternating ``block_s`` block it started in."""
-    return np.floor(run.iterations.start_s.to_numpy() / block_s).astype(int) % 2
-
-
-def held_out(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: float, work: Path) -> dict:
+def held_out(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: float, work: Path
+             ) -> tuple[dict, dict]:
     """Error of the base and the refined tables on iterations the refinement did not see: alternating
-    ``block_s`` blocks of each run, fitted on one half and evaluated on the other, both ways."""
+    ``block_s`` blocks of each run, fitted on one half and evaluated on the other, both ways. Also returns
+    the split-half scales, the laws those two fits found: ``{kind: {"scales": [even blocks, odd blocks],
+    "iterations": [n, n]}}`` for each kind fitted in both halves."""
     per_kind = {k: {"before": ([], []), "after": ([], [])} for k in (*KINDS, "mixed")}
+    laws = {}                     # half -> the laws fitted on it (the fold that holds the other half out)
     for fold in (0, 1):
         train_runs, train_pred, test = [], [], []
         for run, p in zip(runs, base_predictions):
-            blocks = _half(run, block_s)
+            blocks = (np.floor(run.iterations.start_s.to_numpy() / block_s).astype(int) % 2)
             tr, te = blocks != fold, blocks == fold
             train_runs.append(RunLog(run.path, run.iterations[tr], run.tables, run.train_table, run.train_ratio))
             train_pred.append(p[tr])
             test.append((run, run.iterations[te], p[te]))
         f = fit(train_runs, train_pred)
+        laws[1 - fold] = f.laws
         for i, (run, df, p) in enumerate(test):
             solo = ~df.training_beside.to_numpy(bool)
             refined_dir = work / f"fold{fold}_run{i}"
@@ -369,28 +369,10 @@ def held_out(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: fl
         if before:
             out["train"] = {"before": {"runs": len(before), "median_rel_err": float(np.median(before))},
                             "after": {"runs": len(after), "median_rel_err": float(np.median(after))}}
-    return out
-
-
-def half_scales(runs: list[RunLog], base_predictions: list[np.ndarray], block_s: float) -> dict:
-    """Each fitted kind's law fitted on each half of the held-out split on its own:
-    ``{kind: {"scales": [even blocks, odd blocks], "iterations": [n, n]}}`` (kinds with iterations in both)."""
-    out = {}
-    for kind in KINDS:
-        scales, counts = [], []
-        for half in (0, 1):
-            pred, meas = [], []
-            for run, p in zip(runs, base_predictions):
-                it = run.iterations
-                m = (_half(run, block_s) == half) & (it.kind == kind).to_numpy() & ~it.training_beside.to_numpy(bool)
-                pred.append(p[m])
-                meas.append(it.measured_s.to_numpy()[m])
-            law = fit_law(np.concatenate(pred), np.concatenate(meas))
-            scales.append(law.scale)
-            counts.append(law.iterations)
-        if min(counts) > 0:
-            out[kind] = {"scales": scales, "iterations": counts}
-    return out
+    halves = {k: {"scales": [laws[0][k].scale, laws[1][k].scale],
+                  "iterations": [laws[0][k].iterations, laws[1][k].iterations]}
+              for k in KINDS if k in laws[0] and k in laws[1]}
+    return out, halves
 
 
 #: a half with fewer iterations of a kind than this says nothing about the machine's speed
@@ -407,7 +389,7 @@ def _judged(halves: dict):
 
 
 def unsteady(halves: dict, max_ratio: float) -> list[str]:
-    """The kinds whose split-half scales (:func:`half_scales`) are more than ``max_ratio`` apart, each
+    """The kinds whose split-half scales (:func:`held_out`) are more than ``max_ratio`` apart, each
     with at least ``STEADY_MIN_ITERATIONS`` iterations a half, as readable lines (empty: steady)."""
     return [f"{kind} {h['scales'][0]:.2f}x vs {h['scales'][1]:.2f}x ({h['iterations'][0]} and "
             f"{h['iterations'][1]} iterations)" for kind, h, ratio in _judged(halves) if ratio > max_ratio]
@@ -445,7 +427,7 @@ def refine(run_dirs: list[str | Path], out: str | Path, tables: str | Path | Non
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        errors = held_out(runs, base_predictions, block_s, work)
+        errors, halves = held_out(runs, base_predictions, block_s, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     try:
@@ -454,7 +436,7 @@ def refine(run_dirs: list[str | Path], out: str | Path, tables: str | Path | Non
         interference = None
     f = fit(runs, base_predictions, other_training, interference)
     provenance = {"base": str(Path(base).resolve()), "runs": [str(r.path.resolve()) for r in runs],
-                  "held_out": errors, "halves": half_scales(runs, base_predictions, block_s), "block_s": block_s}
+                  "held_out": errors, "halves": halves, "block_s": block_s}
     write_refined(base, f, out, provenance)
     report = {"out": str(out), **provenance,
               "laws": {k: vars(v) for k, v in f.laws.items()}, "train_factors": f.train,
